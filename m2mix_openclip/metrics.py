@@ -1,0 +1,138 @@
+"""Embedding-geometry metrics of paired image and text features.
+
+Alignment and uniformity follow Wang and Isola (ICML 2020); the modality gap follows
+Liang et al. (NeurIPS 2022). Everything is computed in row chunks: memory is O(chunk * N),
+never an N x N x D tensor nor a full N x N matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["embedding_geometry", "alignment", "uniformity"]
+
+# Elements of one (chunk, N) block: 8 M floats = 32 MB, a few such buffers live at once.
+_BLOCK_ELEMENTS = 8 * 1024 * 1024
+
+
+def alignment(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    r"""Wang and Isola's alignment: :math:`\mathbb{E}_i \lVert x_i - y_i \rVert^\alpha`."""
+    return (x - y).norm(dim=1).pow(alpha).mean()
+
+
+def _rows_per_block(n_cols: int, block_elements: int) -> int:
+    return max(1, block_elements // max(1, n_cols))
+
+
+def _pair_logsumexp(u: torch.Tensor, t: float, block_elements: int) -> torch.Tensor:
+    r"""log sum over pairs i < j of exp(-t ||u_i - u_j||^2), in upper-triangle row chunks."""
+    n = u.shape[0]
+    sq_norm = (u * u).sum(dim=1)
+    parts = []
+    rows = _rows_per_block(n, block_elements)
+    for start in range(0, n - 1, rows):
+        stop = min(start + rows, n)
+        # (c, n - start): squared distances from rows [start, stop) to every later point
+        sq = (sq_norm[start:stop, None] + sq_norm[None, start:] - 2 * u[start:stop] @ u[start:].T).clamp_min_(0)
+        later = torch.arange(start, n, device=u.device)[None, :] > torch.arange(start, stop, device=u.device)[:, None]
+        parts.append(torch.logsumexp(sq.mul_(-t).masked_fill_(~later, -math.inf).flatten(), dim=0))
+    return torch.logsumexp(torch.stack(parts).double(), dim=0)
+
+
+def uniformity(u: torch.Tensor, t: float = 2.0, block_elements: int = _BLOCK_ELEMENTS) -> torch.Tensor:
+    r"""Wang and Isola's uniformity: :math:`\log \mathbb{E}_{i<j} e^{-t \lVert u_i - u_j \rVert^2}`.
+
+    The same value as ``torch.pdist(u).pow(2).mul(-t).exp().mean().log()``, computed in
+    chunks with a stable log-sum-exp, so N = 25,000 fits in tens of MB.
+    """
+    n = u.shape[0]
+    if n < 2:
+        raise ValueError(f"uniformity needs at least 2 points, got {n}")
+    return _pair_logsumexp(u.float(), t, block_elements) - math.log(n * (n - 1) / 2)
+
+
+@torch.no_grad()
+def embedding_geometry(
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        normalize: bool = True,
+        t: float = 2.0,
+        block_elements: int = _BLOCK_ELEMENTS,
+) -> Dict[str, float]:
+    r"""Alignment, uniformity and modality-gap figures of N paired embeddings.
+
+    With :math:`x_i` the image and :math:`y_i` the text embedding of pair i (unit vectors):
+
+    - ``alignment``: :math:`\frac1N\sum_i \lVert x_i - y_i\rVert^2` (lower is better aligned);
+    - ``uniformity_image``, ``uniformity_text``: :math:`\log \frac{2}{N(N-1)}\sum_{i<j} e^{-t\lVert u_i - u_j\rVert^2}`
+      within one modality (t = 2; lower is more uniform);
+    - ``uniformity_joint``: the same over the 2N points of both modalities together;
+    - ``relative_alignment``: :math:`\frac1N\sum_i \big(\lVert y_i - x_i\rVert^2 - \min_{j\ne i}\lVert y_i - x_j\rVert^2\big)`
+      (negative when each caption is nearer its own image than any other);
+    - ``modality_gap``: :math:`\lVert \bar x - \bar y \rVert` (Liang et al. 2022);
+    - ``positive_cosine``: mean :math:`\langle x_i, y_i\rangle`; ``negative_cosine``: mean over
+      :math:`i \ne j` of :math:`\langle x_i, y_j\rangle`.
+
+    Args:
+        image_features, text_features: (N, D) tensors, row i of each forming pair i.
+        normalize: L2-normalise rows first (the metrics are defined on the sphere).
+        t: the uniformity temperature (Wang and Isola use 2).
+        block_elements: the largest (rows x N) block computed at once; bounds memory.
+
+    Returns:
+        A dict of Python floats with the keys above.
+
+    Raises:
+        ValueError: shapes differ or are not 2-D, N < 2, or values are not finite.
+    """
+    x, y = image_features, text_features
+    if x.dim() != 2 or x.shape != y.shape:
+        raise ValueError(
+            f"embedding_geometry: image and text features must be (N, D) of the same shape, "
+            f"got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"embedding_geometry needs at least 2 pairs, got {n}")
+    x, y = x.float(), y.float()
+    if not bool(torch.isfinite(x).all() & torch.isfinite(y).all()):
+        raise ValueError("embedding_geometry: features contain NaN or Inf")
+    if normalize:
+        x, y = F.normalize(x, dim=1), F.normalize(y, dim=1)
+
+    lse_image = _pair_logsumexp(x, t, block_elements)
+    lse_text = _pair_logsumexp(y, t, block_elements)
+
+    # Cross-modal blocks: every (y_i, x_j) pair once, for the joint uniformity and the
+    # relative alignment.
+    sq_x, sq_y = (x * x).sum(dim=1), (y * y).sum(dim=1)
+    cross_parts, relative_sum = [], 0.0
+    rows = _rows_per_block(n, block_elements)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        sq = (sq_y[start:stop, None] + sq_x[None, :] - 2 * y[start:stop] @ x.T).clamp_min_(0)  # (c, N)
+        cross_parts.append(torch.logsumexp((-t * sq).flatten(), dim=0))
+        local = torch.arange(stop - start, device=x.device)
+        positive = sq[local, start + local].clone()
+        sq[local, start + local] = math.inf
+        relative_sum += (positive - sq.min(dim=1).values).double().sum().item()
+    lse_cross = torch.logsumexp(torch.stack(cross_parts).double(), dim=0)
+    lse_joint = torch.logsumexp(torch.stack([lse_image, lse_text, lse_cross]), dim=0)
+    log_pairs = math.log(n * (n - 1) / 2)
+
+    sum_x, sum_y = x.double().sum(dim=0), y.double().sum(dim=0)
+    positive_sum = (x.double() * y.double()).sum()
+    return {
+        "alignment": alignment(x, y).item(),
+        "uniformity_image": (lse_image - log_pairs).item(),
+        "uniformity_text": (lse_text - log_pairs).item(),
+        "uniformity_joint": (lse_joint - math.log(n * (2 * n - 1))).item(),
+        "relative_alignment": relative_sum / n,
+        "modality_gap": ((sum_x - sum_y) / n).norm().item(),
+        "positive_cosine": (positive_sum / n).item(),
+        "negative_cosine": ((sum_x @ sum_y - positive_sum) / (n * (n - 1))).item(),
+    }

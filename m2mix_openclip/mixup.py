@@ -1,0 +1,190 @@
+"""Geodesic (spherical) interpolation on the unit hypersphere and Beta sampling.
+
+Pure tensor maths: nothing here knows about OpenCLIP's trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+
+__all__ = ["geodesic_mix", "sample_beta"]
+
+LambdaLike = Union[float, int, torch.Tensor]
+
+# Rows whose norm is further than this from 1 are rejected: an OpenCLIP feature in
+# bf16 is off by a few 1e-3, an unnormalised projection by far more.
+_UNIT_NORM_TOLERANCE = 1e-2
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half precisions lose the small angles that matter near theta = 0 and pi.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _lambda_column(lam: LambdaLike, n: int, device, dtype) -> torch.Tensor:
+    """Returns lambda as an (N, 1) tensor, validated to lie in [0, 1]."""
+    if isinstance(lam, torch.Tensor):
+        lam_t = lam.detach().to(device=device, dtype=dtype)
+        if lam_t.dim() == 0:
+            lam_t = lam_t.expand(n)
+        if lam_t.shape not in ((n,), (n, 1)):
+            raise ValueError(
+                f"geodesic_mix: lam must be a float or a tensor of shape ({n},) or ({n}, 1), "
+                f"got shape {tuple(lam.shape)}"
+            )
+        lam_t = lam_t.reshape(n, 1)
+        if not bool(torch.all((lam_t >= 0) & (lam_t <= 1))):
+            raise ValueError("geodesic_mix: every lam must lie in [0, 1] (and be finite)")
+        return lam_t
+    lam_f = float(lam)
+    if not (0.0 <= lam_f <= 1.0):
+        raise ValueError(f"geodesic_mix: lam must lie in [0, 1], got {lam_f!r}")
+    return torch.full((n, 1), lam_f, device=device, dtype=dtype)
+
+
+def _fallback_tangent(p: torch.Tensor) -> torch.Tensor:
+    """A deterministic unit vector orthogonal to each row of ``p``.
+
+    Used only where the great circle is undefined (b = -a) or degenerate (b = a):
+    the basis vector along p's smallest coordinate, made orthogonal to p. For
+    p and -p it gives the same vector, so both ends agree on the circle.
+    """
+    k = p.abs().argmin(dim=1, keepdim=True)  # (N, 1)
+    e_k = torch.zeros_like(p).scatter_(1, k, 1.0)
+    v = e_k - p.gather(1, k) * p
+    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _walk(p: torch.Tensor, q: torch.Tensor, cos_pq: torch.Tensor, phi: torch.Tensor,
+          tol: float, any_degenerate: bool) -> torch.Tensor:
+    """The point at angle ``phi`` from ``p`` along the great circle towards ``q``."""
+    w = q - cos_pq * p  # (N, D): q's component orthogonal to p, norm sin(theta)
+    # A safe norm: its gradient is finite (zero) where w vanishes.
+    w_norm = (w * w).sum(dim=1, keepdim=True).clamp_min(tol * tol).sqrt()
+    if not any_degenerate:
+        return torch.cos(phi) * p + (torch.sin(phi) / w_norm) * w
+    tangent = torch.where(w_norm <= tol, _fallback_tangent(p.detach()), w / w_norm)
+    return torch.cos(phi) * p + torch.sin(phi) * tangent
+
+
+def geodesic_mix(a: torch.Tensor, b: torch.Tensor, lam: LambdaLike) -> torch.Tensor:
+    r"""Spherical interpolation (slerp) between the rows of ``a`` and ``b``.
+
+    .. math::
+        m_i = \frac{\sin(\lambda_i\theta_i)}{\sin\theta_i}\,a_i
+            + \frac{\sin((1-\lambda_i)\theta_i)}{\sin\theta_i}\,b_i,
+        \qquad \theta_i = \angle(a_i, b_i)
+
+    ``lam = 1`` gives ``a`` and ``lam = 0`` gives ``b`` (the convention of the
+    m²-Mix reference implementation); the angle between ``m_i`` and ``b_i`` is
+    ``lam_i * theta_i``.
+
+    Unlike the closed form above, the computation walks from the nearer end point
+    along the tangent direction, ``cos(phi) p + sin(phi) u``, with ``theta`` from
+    ``atan2``. So the end points are returned exactly, and values and gradients are
+    finite for identical rows (theta = 0) and for antipodal rows (theta = pi, where
+    the great circle is not unique and a deterministic one is chosen).
+
+    Gradients are those of slerp on the sphere: their components tangent to the sphere
+    match the closed form's; the radial components (which ``F.normalize`` in a CLIP
+    model removes) differ from the closed form's extension off the sphere.
+
+    Args:
+        a, b: (N, D) tensors whose rows are unit vectors (checked to 1e-2).
+        lam: a float in [0, 1], or a tensor of shape (N,) or (N, 1). No gradient
+            flows to ``lam``.
+
+    Returns:
+        (N, D) tensor of unit rows, in the dtype of ``a``. fp16 and bf16 inputs
+        are computed in float32 (autocast is switched off inside).
+
+    Raises:
+        ValueError: shapes differ or are not 2-D, values are not finite, rows are
+            not unit vectors, or ``lam`` lies outside [0, 1] or has the wrong shape.
+    """
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise ValueError("geodesic_mix: a and b must be torch tensors")
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(
+            f"geodesic_mix: a and b must be (N, D) tensors of the same shape, "
+            f"got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.shape[1] < 2:
+        raise ValueError(f"geodesic_mix: vectors need at least 2 dimensions, got D={a.shape[1]}")
+    n = a.shape[0]
+    out_dtype = a.dtype
+    dtype = _compute_dtype(a.dtype)
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        a32 = a.to(dtype)
+        b32 = b.to(dtype)
+        tol = 10 * torch.finfo(dtype).eps
+        cos_ab = (a32 * b32).sum(dim=1, keepdim=True).clamp(-1.0, 1.0)
+        w = b32 - cos_ab * a32
+        sin_ab = (w * w).sum(dim=1, keepdim=True).clamp_min(tol * tol).sqrt()
+        # One device sync for every check, and for whether any great circle is degenerate.
+        flags = torch.stack([
+            ~torch.isfinite(a32).all(), ~torch.isfinite(b32).all(),
+            ((a32.detach().norm(dim=1) - 1).abs() > _UNIT_NORM_TOLERANCE).any(),
+            ((b32.detach().norm(dim=1) - 1).abs() > _UNIT_NORM_TOLERANCE).any(),
+            (sin_ab.detach() <= 4 * tol).any(),
+        ]).tolist()
+        if flags[0] or flags[1]:
+            raise ValueError("geodesic_mix: inputs contain NaN or Inf")
+        if flags[2] or flags[3]:
+            raise ValueError(
+                "geodesic_mix: rows of a and b must be unit vectors; "
+                "normalise them first, e.g. torch.nn.functional.normalize(x, dim=-1)"
+            )
+        any_degenerate = flags[4]
+        theta = torch.atan2(sin_ab, cos_ab)  # (N, 1), in [0, pi]
+
+        # Walk from the nearer end point, so that both end points are exact.
+        if isinstance(lam, torch.Tensor) and lam.dim() > 0:  # one lambda per row
+            lam_t = _lambda_column(lam, n, a.device, dtype)
+            from_a = _walk(a32, b32, cos_ab, (1 - lam_t) * theta, tol, any_degenerate)
+            from_b = _walk(b32, a32, cos_ab, lam_t * theta, tol, any_degenerate)
+            mixed = torch.where(lam_t >= 0.5, from_a, from_b)
+        else:
+            lam_f = float(lam)
+            if not (0.0 <= lam_f <= 1.0):
+                raise ValueError(f"geodesic_mix: lam must lie in [0, 1], got {lam_f!r}")
+            if lam_f >= 0.5:
+                mixed = _walk(a32, b32, cos_ab, (1 - lam_f) * theta, tol, any_degenerate)
+            else:
+                mixed = _walk(b32, a32, cos_ab, lam_f * theta, tol, any_degenerate)
+    return mixed.to(out_dtype)
+
+
+def _log_gamma_sample(shape: float, generator: torch.Generator) -> float:
+    """log of a Gamma(shape, 1) draw (Marsaglia and Tsang 2000), from ``generator``."""
+    boost = 0.0
+    if shape < 1.0:
+        # Gamma(k) = Gamma(k + 1) * U^(1/k); kept in logs so tiny k cannot underflow.
+        u = torch.rand((), generator=generator, dtype=torch.float64).item()
+        boost = math.log(max(u, 1e-300)) / shape
+        shape += 1.0
+    d = shape - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    while True:
+        x = torch.randn((), generator=generator, dtype=torch.float64).item()
+        v = (1.0 + c * x) ** 3
+        if v <= 0:
+            continue
+        u = torch.rand((), generator=generator, dtype=torch.float64).item()
+        if math.log(max(u, 1e-300)) < 0.5 * x * x + d - d * v + d * math.log(v):
+            return math.log(d * v) + boost
+
+
+def sample_beta(alpha: float, beta: float, generator: torch.Generator) -> float:
+    """One draw of Beta(alpha, beta) from a ``torch.Generator`` (never global RNG state).
+
+    Computed as G1 / (G1 + G2) with G ~ Gamma, in log space.
+    """
+    if not (alpha > 0 and beta > 0):
+        raise ValueError(f"sample_beta: alpha and beta must be > 0, got {alpha!r}, {beta!r}")
+    log_g1 = _log_gamma_sample(alpha, generator)
+    log_g2 = _log_gamma_sample(beta, generator)
+    return 1.0 / (1.0 + math.exp(min(log_g2 - log_g1, 700.0)))
