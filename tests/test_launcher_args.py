@@ -1,0 +1,52 @@
+"""Argument handling of the launcher: errors are argparse errors (exit 2) naming the problem."""
+
+import pytest
+
+from m2mix_openclip.integration import registry
+from m2mix_openclip.integration.launcher import main
+
+
+def error_of(capsys, *argv):
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_registry_lists_and_rejects():
+    assert {"clip", "m2mix"} <= set(registry.available_losses())
+    assert "geometry" in registry.available_eval_metrics()
+    with pytest.raises(ValueError, match="registered losses.*clip.*m2mix"):
+        registry.get_loss("m3mix")
+    with pytest.raises(ValueError, match="registered metrics.*geometry"):
+        registry.get_eval_metric("nope")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--loss", "m3mix"], "unknown loss 'm3mix'; registered losses"),
+    (["--loss", "m2mix", "--siglip"], "cannot be combined with --siglip"),
+    (["--loss", "m2mix", "--distill-model", "ViT-B-32", "--distill-pretrained", "openai"], "distillation"),
+    (["--loss", "m2mix", "--model", "coca_ViT-B-32"], "CoCa"),
+    (["--loss", "m2mix", "--m2mix-weight", "-1"], "--m2mix-weight: must be a finite number >= 0"),
+    (["--loss", "m2mix", "--m2mix-alpha", "0"], "--m2mix-alpha: must be a finite number > 0"),
+    (["--loss", "m2mix", "--m2mix-temperature", "0"], "--m2mix-temperature"),
+    (["--loss", "m2mix", "--mix-schedule", "cosine"], "invalid choice: 'cosine'"),
+    (["--loss", "m2mix", "--m2mix-weight", "0"], "every mixing weight at 0"),
+    (["--loss", "clip", "--m2mix-weight", "0.1"], "--m2mix-weight belongs to --loss m2mix, but --loss is clip"),
+    (["--loss", "m2mix", "--m2mix-w", "0.1"], "unrecognized arguments: --m2mix-w"),
+    (["--loss", "m2mix", "--lr-sched", "cosine"], "unrecognized arguments: --lr-sched"),
+    (["--eval-metrics", "nope"], "unknown eval metric 'nope'"),
+])
+def test_bad_flags_are_argparse_errors(capsys, argv, message):
+    assert message in error_of(capsys, *argv)
+
+
+def test_help_lists_openclip_and_plugin_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--train-data", "--loss-dist-impl", "--loss LOSS", "--m2mix-weight", "--m2mix-alpha",
+                 "--m2mix-temperature", "--mix-schedule", "--vmix-weight", "--lmix-weight", "--vlmix-weight",
+                 "--unimix-alpha", "--mix-pairing", "--eval-metrics"):
+        assert flag in out, flag

@@ -1,0 +1,142 @@
+"""OpenCLIP's real trainer, end to end on the CPU, through the launcher and the patch."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from m2mix_openclip.data import write_dataset
+from trainer_utils import (GEOMETRY_KEYS, common_args, csv_args, launcher, logged_lambdas, logged_losses,
+                           read_log, results, run, write_tiny_model)
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATCH = os.path.join(ROOT, "patches", "open_clip_v3.3.0-loss-plugins.patch")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    data = write_dataset(str(base / "data"), splits=("pretrain", "test"), limit=48, shard_size=24, shifts=())
+    return {"data": data, "model": write_tiny_model(str(base / "model")), "logs": base / "logs", "base": base}
+
+
+def assert_m2mix_run(env, name, epochs=2):
+    log = read_log(env["logs"], name)
+    assert "M2mix_loss" in log and "Contrastive_loss" in log
+    assert len(logged_lambdas(log)) >= 3
+    rows = results(env["logs"], name)
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+    for row in rows:
+        assert GEOMETRY_KEYS <= set(row) and "image_to_text_R@1" in row
+    return log
+
+
+def test_m2mix_on_csv(env):
+    launcher(*common_args(env["model"], env["logs"], "csv"), *csv_args(env["data"]), "--loss", "m2mix")
+    log = assert_m2mix_run(env, "csv")
+    # inverse-epoch schedule: epoch 1's factor is 1/2
+    assert "schedule factor 0.5000" in log
+    assert os.path.exists(env["logs"] / "csv" / "checkpoints" / "loss_state_epoch_2.pth")
+
+
+def test_m2mix_on_webdataset_brace_pattern(env):
+    d = env["data"]
+    assert "{000000..000001}" in d["pretrain"]["shards"]
+    launcher(*common_args(env["model"], env["logs"], "wds"), "--dataset-type", "webdataset",
+             "--train-data", d["pretrain"]["shards"], "--train-num-samples", "48",
+             "--val-data", d["test"]["shards"], "--val-num-samples", "48", "--loss", "m2mix")
+    assert_m2mix_run(env, "wds")
+
+
+def test_clip_through_launcher_equals_plain_openclip(env):
+    args = common_args(env["model"], env["logs"], "ref", epochs=1) + csv_args(env["data"])
+    run([sys.executable, "-m", "open_clip_train.main", *args])
+    ours = common_args(env["model"], env["logs"], "ours", epochs=1) + csv_args(env["data"])
+    launcher(*ours, "--loss", "clip")
+    ref_losses = logged_losses(read_log(env["logs"], "ref"))
+    our_losses = logged_losses(read_log(env["logs"], "ours"))
+    assert len(ref_losses) == 3 and our_losses == ref_losses
+    assert GEOMETRY_KEYS <= set(results(env["logs"], "ours")[0])  # baselines get the geometry too
+    assert not GEOMETRY_KEYS & set(results(env["logs"], "ref")[0])
+
+
+def test_accum_freq_2(env):
+    launcher(*common_args(env["model"], env["logs"], "accum", epochs=1, batch=8), *csv_args(env["data"]),
+             "--loss", "m2mix", "--accum-freq", "2", "--vmix-weight", "0.1")
+    log = read_log(env["logs"], "accum")
+    assert "M2mix_loss" in log and "Vmix_loss" in log and "vmix=" in log
+
+
+def test_resume_latest_continues_the_lambda_sequence(env):
+    base = csv_args(env["data"]) + ["--loss", "m2mix"]
+    launcher(*common_args(env["model"], env["logs"], "full"), *base)
+    launcher(*common_args(env["model"], env["logs"], "part", epochs=1), *base)
+    launcher(*common_args(env["model"], env["logs"], "part", epochs=2), *base, "--resume", "latest")
+    full = logged_lambdas(read_log(env["logs"], "full"))
+    part = logged_lambdas(read_log(env["logs"], "part"))  # out.log is appended to on resume
+    assert "restored loss state" in read_log(env["logs"], "part")
+    assert len(full) == 6 and part == full
+
+
+def test_torchrun_two_cpu_processes_local_loss_gather_with_grad(env):
+    args = common_args(env["model"], env["logs"], "ddp", epochs=1, batch=8) + csv_args(env["data"])
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "m2mix_openclip.train", "--", *args, "--loss", "m2mix", "--local-loss", "--gather-with-grad"])
+    log = read_log(env["logs"], "ddp")
+    assert "total 2" in log and "M2mix_loss" in log
+    assert GEOMETRY_KEYS <= set(results(env["logs"], "ddp")[0])
+
+
+def test_patch_applies_to_the_installed_wheel_and_trains(env):
+    import open_clip_train
+    src = env["base"] / "patched" / "src"
+    shutil.copytree(os.path.dirname(open_clip_train.__file__), src / "open_clip_train",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    root = src.parent
+    subprocess.run(["patch", "-p1", "--dry-run", "-i", PATCH], cwd=root, check=True, capture_output=True)
+    subprocess.run(["patch", "-p1", "-i", PATCH], cwd=root, check=True, capture_output=True)
+    env_extra = {"PYTHONPATH": str(src)}
+    args = common_args(env["model"], env["logs"], "patched", epochs=2) + csv_args(env["data"])
+    run([sys.executable, "-m", "open_clip_train.main", *args, "--loss", "m2mix"], env_extra=env_extra)
+    log = read_log(env["logs"], "patched")
+    assert "M2mix_loss" in log
+    rows = results(env["logs"], "patched")
+    assert len(rows) == 2 and all(GEOMETRY_KEYS <= set(r) for r in rows)
+    # the abbreviation trap is closed, and guard rails are argparse errors
+    bad = run([sys.executable, "-m", "open_clip_train.main", "--loss-dist", "x"], env_extra=env_extra, check=False)
+    assert bad.returncode == 2 and "unrecognized arguments: --loss-dist" in bad.stderr
+    bad = run([sys.executable, "-m", "open_clip_train.main", "--loss", "m2mix", "--siglip"], env_extra=env_extra,
+              check=False)
+    assert bad.returncode == 2 and "--siglip" in bad.stderr
+
+
+def test_loss_from_a_second_installed_distribution(env, tmp_path):
+    site = tmp_path / "site"
+    (site / "scaled_clip_plugin-0.1.dist-info").mkdir(parents=True)
+    (site / "scaled_clip_plugin-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: scaled-clip-plugin\nVersion: 0.1\n")
+    (site / "scaled_clip_plugin-0.1.dist-info" / "entry_points.txt").write_text(
+        "[open_clip.losses]\nhalf_clip = scaled_clip_plugin:PLUGIN\n")
+    (site / "scaled_clip_plugin.py").write_text(textwrap.dedent("""
+        from open_clip.loss import ClipLoss
+        from m2mix_openclip.integration.registry import LossPlugin
+
+        class HalfClip(ClipLoss):
+            def forward(self, *args, output_dict=False, **kwargs):
+                value = 0.5 * super().forward(*args, **kwargs)
+                return {"half_contrastive_loss": value} if output_dict else value
+
+        PLUGIN = LossPlugin(build=lambda args: HalfClip(), description="half of ClipLoss")
+    """))
+    env_extra = {"PYTHONPATH": str(site)}
+    probe = run([sys.executable, "-c", "from m2mix_openclip.integration import registry as r; "
+                 "print(r.available_losses()); print(type(r.get_loss('half_clip')(None)).__name__)"],
+                env_extra=env_extra)
+    assert "'half_clip'" in probe.stdout and "HalfClip" in probe.stdout
+    launcher(*common_args(env["model"], env["logs"], "plugin", epochs=1), *csv_args(env["data"]),
+             "--loss", "half_clip", env_extra=env_extra)
+    assert "Half_contrastive_loss" in read_log(env["logs"], "plugin")

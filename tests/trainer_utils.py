@@ -1,0 +1,68 @@
+"""Helpers that run OpenCLIP's real trainer in a subprocess (tiny model, CPU, fp32)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+TINY_CONFIG = {
+    "model_cfg": {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    },
+    "preprocess_cfg": {},
+}
+GEOMETRY_KEYS = {"alignment", "uniformity_image", "uniformity_text", "uniformity_joint",
+                 "relative_alignment", "modality_gap", "positive_cosine", "negative_cosine"}
+
+
+def write_tiny_model(folder):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
+        json.dump(TINY_CONFIG, f)
+    return f"local-dir:{folder}"
+
+
+def common_args(model, logs, name, epochs=2, batch=16):
+    return ["--model", model, "--precision", "fp32", "--batch-size", str(batch), "--epochs", str(epochs),
+            "--lr", "1e-3", "--warmup", "1", "--workers", "0", "--device", "cpu", "--logs", str(logs),
+            "--name", name, "--seed", "0", "--log-every-n-steps", "1", "--report-to", ""]
+
+
+def csv_args(data):
+    return ["--train-data", data["pretrain"]["csv"], "--val-data", data["test"]["csv"],
+            "--csv-img-key", "filepath", "--csv-caption-key", "title"]
+
+
+def run(cmd, env_extra=None, timeout=600, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(env_extra or {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def launcher(*args, **kwargs):
+    return run([sys.executable, "-m", "m2mix_openclip.train", *args], **kwargs)
+
+
+def read_log(logs, name):
+    with open(os.path.join(logs, name, "out.log")) as f:
+        return f.read()
+
+
+def results(logs, name):
+    with open(os.path.join(logs, name, "checkpoints", "results.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def logged_losses(text, key="Contrastive_loss"):
+    """The current (not averaged) value of a loss at every logged step."""
+    return [float(v) for v in re.findall(rf"{key}: ([0-9.eE+-]+) \(", text)]
+
+
+def logged_lambdas(text):
+    return [float(v) for v in re.findall(r"mixing lambda: m2mix=([0-9.]+)", text)]
