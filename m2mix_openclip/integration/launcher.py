@@ -188,6 +188,20 @@ def _swapped(*triples):
             setattr(obj, name, value)
 
 
+def _argparse_shim():
+    shim = types.ModuleType("argparse")
+    shim.__dict__.update(argparse.__dict__)
+    shim.ArgumentParser = PluginArgumentParser
+    return shim
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    """Parses a training command line exactly as ``main`` would, without training."""
+    import open_clip_train.params as oc_params
+    with _swapped((oc_params, "argparse", _argparse_shim())):
+        return oc_params.parse_args(list(argv))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``m2mix-train [OpenCLIP flags] --loss NAME [loss flags]``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -208,9 +222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     original_pt_load = oc_main.pt_load
     original_get_clip_metrics = oc_train.get_clip_metrics
 
-    argparse_shim = types.ModuleType("argparse")
-    argparse_shim.__dict__.update(argparse.__dict__)
-    argparse_shim.ArgumentParser = PluginArgumentParser
+    argparse_shim = _argparse_shim()
 
     def parse_args(args):
         parsed = original_parse_args(args)

@@ -1,0 +1,61 @@
+"""The GPU recipes: the data script on tiny fake caption files, and the commands' arguments parse."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from m2mix_openclip.integration.launcher import parse_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EX = os.path.join(ROOT, "examples")
+
+
+def _images(folder, names):
+    from PIL import Image
+    folder.mkdir()
+    for n in names:
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(folder / n)
+
+
+def test_prepare_flickr_token_and_coco_json(tmp_path):
+    _images(tmp_path / "img", ["1.jpg", "2.jpg"])
+    (tmp_path / "cap.token").write_text("1.jpg#0\tA dog runs .\n1.jpg#1\tA brown dog .\n2.jpg#0\tTwo cats sit .\n")
+    (tmp_path / "split.txt").write_text("1.jpg\n")
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(EX, "prepare_captions.py"), *a],
+                                    capture_output=True, text=True)
+    p = run("--format", "flickr-token", "--captions", str(tmp_path / "cap.token"), "--images", str(tmp_path / "img"),
+            "--out", str(tmp_path / "f.csv"), "--split-file", str(tmp_path / "split.txt"),
+            "--shards", str(tmp_path / "sh"), "--shard-size", "1")
+    assert p.returncode == 0, p.stderr
+    lines = (tmp_path / "f.csv").read_text().splitlines()
+    assert lines[0] == "filepath\ttitle" and len(lines) == 3 and lines[1].endswith("\tA dog runs .")
+    assert "shard-{000000..000001}.tar" in p.stdout
+    (tmp_path / "coco.json").write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "2.jpg"}], "annotations": [{"image_id": 7, "caption": " Cats. "}]}))
+    p = run("--format", "coco-json", "--captions", str(tmp_path / "coco.json"), "--images", str(tmp_path / "img"),
+            "--out", str(tmp_path / "c.csv"))
+    assert p.returncode == 0 and (tmp_path / "c.csv").read_text().splitlines()[1].endswith("2.jpg\tCats.")
+    (tmp_path / "bad.token").write_text("no tab here\n")
+    p = run("--format", "flickr-token", "--captions", str(tmp_path / "bad.token"), "--images", str(tmp_path / "img"),
+            "--out", str(tmp_path / "x.csv"))
+    assert p.returncode != 0 and "expected 'IMAGE.jpg#N<TAB>caption'" in p.stderr
+
+
+@pytest.mark.parametrize("script,loss", [("train_single_node.sh", "m2mix"), ("train_single_node.sh", "clip"),
+                                         ("slurm_m2mix.sbatch", "m2mix")])
+def test_recipe_commands_parse(script, loss):
+    out = subprocess.run(["bash", os.path.join(EX, script)], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, DRY_RUN="1", LOSS=loss)).stdout
+    argv = shlex.split(out)
+    args_start = argv.index("m2mix_openclip.train") + 1
+    train_argv = [a for a in argv[args_start:] if a != "--"]
+    args = parse_args(train_argv)
+    assert args.loss == loss and args.model == "ViT-B-32" and args.pretrained == "openai"
+    assert (args.batch_size, args.lr, args.wd, args.epochs) == (128, 1e-5, 0.2, 9)
+    if loss == "m2mix":
+        assert (args.m2mix_weight, args.m2mix_alpha, args.m2mix_temperature) == (0.02, 0.5, 0.07)
