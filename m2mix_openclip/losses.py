@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, gather_features
 
-from .mixup import geodesic_mix, sample_beta
+from .mixup import UNIT_NORM_TOLERANCE, mix_unit_rows, sample_beta
 
 __all__ = ["M2MixLoss", "MIX_SCHEDULES", "MIX_PAIRINGS"]
 
@@ -25,6 +25,39 @@ MIX_PAIRINGS = ("reverse", "random")
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # targets rows are weights over columns; they sum to 1 (2 for VL-Mix, as the reference)
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+class _CrossEntropyWithPositive(torch.autograd.Function):
+    """Mean over rows of cross-entropy, where ``logits[i, target[i]]`` is replaced by ``positive[i]``.
+
+    Equal to ``F.cross_entropy(logits.scatter(1, target[:, None], positive[:, None]), target)``,
+    with fewer (M, G) buffers and passes: the softmax is kept from the forward pass, and the
+    gradient is made from it in one pass, with no scatter copy or one-hot buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, positive, target):
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        work = logits.detach().to(dtype, copy=True)  # (M, G)
+        pos = positive.detach().to(dtype)
+        work[rows, target] = pos
+        lse = torch.logsumexp(work, dim=1)  # (M,)
+        loss = (lse - pos).mean()
+        work.sub_(lse[:, None]).exp_()  # softmax, in place
+        ctx.save_for_backward(work, target)
+        ctx.dtypes = (logits.dtype, positive.dtype)
+        return loss.to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, target = ctx.saved_tensors
+        rows = torch.arange(softmax.shape[0], device=softmax.device)
+        scale = grad_loss.to(softmax.dtype) / softmax.shape[0]
+        grad = softmax * scale  # d loss / d logits = softmax / M (the saved softmax stays intact)
+        grad_positive = grad[rows, target] - scale  # (softmax - 1) / M at the replaced entries
+        grad[rows, target] = 0.0  # the replaced logits do not reach the loss
+        return grad.to(ctx.dtypes[0]), grad_positive.to(ctx.dtypes[1]), None
 
 
 def _check_weight(name: str, value: float) -> float:
@@ -203,10 +236,23 @@ class M2MixLoss(ClipLoss):
                 "M2MixLoss needs at least 2 image-text pairs in the (global) batch to form negatives, "
                 f"got {image_features.shape[0] * self.world_size}; increase --batch-size"
             )
-        if not bool(torch.isfinite(image_features).all() & torch.isfinite(text_features).all()):
+        if not self.enabled_terms:
+            return
+        # One device sync for both checks (the mixing below relies on them).
+        nonfinite, nonunit = torch.stack([
+            ~(torch.isfinite(image_features).all() & torch.isfinite(text_features).all()),
+            ((image_features.detach().float().norm(dim=1) - 1).abs() > UNIT_NORM_TOLERANCE).any()
+            | ((text_features.detach().float().norm(dim=1) - 1).abs() > UNIT_NORM_TOLERANCE).any(),
+        ]).tolist()
+        if nonfinite:
             raise ValueError(
                 "image_features or text_features contain NaN or Inf; the model diverged or its "
                 "input is broken (try a lower learning rate or --precision fp32)"
+            )
+        if nonunit:
+            raise ValueError(
+                "geodesic mixing needs unit-norm features (a CLIP model's outputs are); "
+                "normalise them first, e.g. torch.nn.functional.normalize(x, dim=-1)"
             )
 
     # -- forward ---------------------------------------------------------------
@@ -242,8 +288,11 @@ class M2MixLoss(ClipLoss):
         local_rows = self.world_size > 1 and self.local_loss
         image_rows, text_rows = (image_features, text_features) if local_rows else (all_image, all_text)
 
-        # Contrastive term, with ClipLoss's arithmetic so that its value is identical.
-        if local_rows or self.world_size == 1:
+        # Contrastive term: ClipLoss's value. Where every rank holds the global rows (one process,
+        # or several without local_loss) one product serves both directions, as ClipLoss itself
+        # does across processes; in one process ClipLoss computes y @ x.T separately, which
+        # differs only by float rounding and costs a third of ClipLoss's time.
+        if local_rows:
             logits_per_image = logit_scale * image_rows @ all_text.T
             logits_per_text = logit_scale * text_rows @ all_image.T
         else:
@@ -267,7 +316,7 @@ class M2MixLoss(ClipLoss):
         if self.m2mix_weight > 0:
             lam = self._draw_lambda(self.m2mix_alpha, mix_lambda)
             self.last_lambdas["m2mix"] = lam
-            mixed = geodesic_mix(all_image, all_text, lam)  # (G, D) hard negatives
+            mixed = mix_unit_rows(all_image, all_text, lam)  # (G, D) hard negatives
             scale = logit_scale if self.m2mix_temperature is None else 1.0 / self.m2mix_temperature
             own = labels.shape[0]
             # Both directions in one (2R, G) product: rows 0..R-1 anchored on images, R..2R-1 on
@@ -275,12 +324,9 @@ class M2MixLoss(ClipLoss):
             anchors = scale * torch.cat([image_rows, text_rows])  # (2R, D)
             positive = (anchors[:own] * text_rows).sum(dim=1)  # (R,): <x_i, y_i> / tau
             logits = anchors @ mixed.T  # (2R, G)
-            # The positive pair replaces <x_i, m_i> (and <y_i, m_i>) on this rank's diagonal.
-            # In place: the matmul's backward needs its inputs, not its output.
-            diagonal = logits.view(2, own, -1).narrow(2, int(labels[0]), own).diagonal(dim1=1, dim2=2)
-            diagonal.copy_(positive.expand(2, own))
-            # The mean over 2R rows is the average of the two directions, as in ClipLoss.
-            term = F.cross_entropy(logits, labels.repeat(2))
+            # <x_i, y_i> replaces <x_i, m_i> (and <y_i, m_i>) on this rank's diagonal; the mean
+            # over 2R rows is the average of the two directions, as in ClipLoss.
+            term = _CrossEntropyWithPositive.apply(logits, positive.repeat(2), labels.repeat(2))
             losses["m2mix_loss"] = self.m2mix_weight * factor * term
 
         for name, mix_image, mix_text in (("vmix", True, False), ("lmix", False, True), ("vlmix", True, True)):
@@ -292,11 +338,11 @@ class M2MixLoss(ClipLoss):
             pair = self._pairing(num_global, device)  # (G,) partner of each global sample
             # Columns mix the global batch; rows mix this rank's anchors (which carry the
             # gradient with local_loss) with their partners from the global batch.
-            image_cols = geodesic_mix(all_image, all_image[pair], lam) if mix_image else all_image
-            text_cols = geodesic_mix(all_text, all_text[pair], lam) if mix_text else all_text
+            image_cols = mix_unit_rows(all_image, all_image[pair], lam) if mix_image else all_image
+            text_cols = mix_unit_rows(all_text, all_text[pair], lam) if mix_text else all_text
             if local_rows:
-                image_anchor = geodesic_mix(image_rows, all_image[pair[rows]], lam) if mix_image else image_rows
-                text_anchor = geodesic_mix(text_rows, all_text[pair[rows]], lam) if mix_text else text_rows
+                image_anchor = mix_unit_rows(image_rows, all_image[pair[rows]], lam) if mix_image else image_rows
+                text_anchor = mix_unit_rows(text_rows, all_text[pair[rows]], lam) if mix_text else text_rows
             else:
                 image_anchor, text_anchor = image_cols, text_cols
             if name == "vlmix":  # both i and pair(i) are positives, as the reference

@@ -28,6 +28,13 @@ def _rows_per_block(n_cols: int, block_elements: int) -> int:
     return max(1, block_elements // max(1, n_cols))
 
 
+def _exponent(rows: torch.Tensor, cols: torch.Tensor, sq_rows: torch.Tensor, sq_cols: torch.Tensor,
+              t: float) -> torch.Tensor:
+    """(c, M) block of -t ||r_i - c_j||^2 = 2t <r_i, c_j> - t|r_i|^2 - t|c_j|^2, in two passes."""
+    block = torch.addmm((-t * sq_cols)[None, :], rows, cols.T, alpha=2 * t)
+    return block.sub_((t * sq_rows)[:, None])
+
+
 def _pair_logsumexp(u: torch.Tensor, t: float, block_elements: int) -> torch.Tensor:
     r"""log sum over pairs i < j of exp(-t ||u_i - u_j||^2), in upper-triangle row chunks."""
     n = u.shape[0]
@@ -36,10 +43,14 @@ def _pair_logsumexp(u: torch.Tensor, t: float, block_elements: int) -> torch.Ten
     rows = _rows_per_block(n, block_elements)
     for start in range(0, n - 1, rows):
         stop = min(start + rows, n)
-        # (c, n - start): squared distances from rows [start, stop) to every later point
-        sq = (sq_norm[start:stop, None] + sq_norm[None, start:] - 2 * u[start:stop] @ u[start:].T).clamp_min_(0)
-        later = torch.arange(start, n, device=u.device)[None, :] > torch.arange(start, stop, device=u.device)[:, None]
-        parts.append(torch.logsumexp(sq.mul_(-t).masked_fill_(~later, -math.inf).flatten(), dim=0))
+        c = stop - start
+        # (c, n - start): rows [start, stop) against every point from `start` on
+        e = _exponent(u[start:stop], u[start:], sq_norm[start:stop], sq_norm[start:], t)
+        # Only the leading (c, c) block holds pairs j <= i, to mask; the rest are all j > i.
+        square = e[:, :c].masked_fill(~torch.ones(c, c, dtype=torch.bool, device=u.device).triu(1), -math.inf)
+        parts.append(torch.logsumexp(square.flatten(), dim=0))
+        if stop < n:
+            parts.append(torch.logsumexp(torch.logsumexp(e[:, c:], dim=1), dim=0))
     return torch.logsumexp(torch.stack(parts).double(), dim=0)
 
 
@@ -114,12 +125,13 @@ def embedding_geometry(
     rows = _rows_per_block(n, block_elements)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        sq = (sq_y[start:stop, None] + sq_x[None, :] - 2 * y[start:stop] @ x.T).clamp_min_(0)  # (c, N)
-        cross_parts.append(torch.logsumexp((-t * sq).flatten(), dim=0))
+        e = _exponent(y[start:stop], x, sq_y[start:stop], sq_x, t)  # (c, N): -t ||y_i - x_j||^2
+        cross_parts.append(torch.logsumexp(torch.logsumexp(e, dim=1), dim=0))
         local = torch.arange(stop - start, device=x.device)
-        positive = sq[local, start + local].clone()
-        sq[local, start + local] = math.inf
-        relative_sum += (positive - sq.min(dim=1).values).double().sum().item()
+        positive = e[local, start + local].clone()
+        e[local, start + local] = -math.inf
+        # ||y_i - x_i||^2 - min_{j != i} ||y_i - x_j||^2, from the exponents
+        relative_sum += ((e.max(dim=1).values - positive) / t).double().sum().item()
     lse_cross = torch.logsumexp(torch.stack(cross_parts).double(), dim=0)
     lse_joint = torch.logsumexp(torch.stack([lse_image, lse_text, lse_cross]), dim=0)
     log_pairs = math.log(n * (n - 1) / 2)

@@ -10,13 +10,13 @@ from typing import Union
 
 import torch
 
-__all__ = ["geodesic_mix", "sample_beta"]
+__all__ = ["geodesic_mix", "sample_beta", "mix_unit_rows"]
 
 LambdaLike = Union[float, int, torch.Tensor]
 
 # Rows whose norm is further than this from 1 are rejected: an OpenCLIP feature in
 # bf16 is off by a few 1e-3, an unnormalised projection by far more.
-_UNIT_NORM_TOLERANCE = 1e-2
+UNIT_NORM_TOLERANCE = 1e-2
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,6 +70,33 @@ def _walk(p: torch.Tensor, q: torch.Tensor, cos_pq: torch.Tensor, phi: torch.Ten
     return torch.cos(phi) * p + torch.sin(phi) * tangent
 
 
+def _slerp(a: torch.Tensor, b: torch.Tensor, lam: Union[float, torch.Tensor]) -> torch.Tensor:
+    """Slerp of validated unit rows (float32/64), lam a float or an (N, 1) tensor."""
+    tol = 10 * torch.finfo(a.dtype).eps
+    cos_ab = (a * b).sum(dim=1, keepdim=True).clamp(-1.0, 1.0)
+    w = b - cos_ab * a
+    sin_ab = (w * w).sum(dim=1, keepdim=True).clamp_min(tol * tol).sqrt()
+    # Whether any great circle is degenerate (theta ~ 0 or pi), the one device sync here.
+    any_degenerate = bool((sin_ab.detach() <= 4 * tol).any())
+    theta = torch.atan2(sin_ab, cos_ab)  # (N, 1), in [0, pi]
+    # Walk from the nearer end point, so that both end points are exact.
+    if isinstance(lam, torch.Tensor):
+        from_a = _walk(a, b, cos_ab, (1 - lam) * theta, tol, any_degenerate)
+        from_b = _walk(b, a, cos_ab, lam * theta, tol, any_degenerate)
+        return torch.where(lam >= 0.5, from_a, from_b)
+    if lam >= 0.5:
+        return _walk(a, b, cos_ab, (1 - lam) * theta, tol, any_degenerate)
+    return _walk(b, a, cos_ab, lam * theta, tol, any_degenerate)
+
+
+def mix_unit_rows(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
+    """``geodesic_mix`` for callers that have already checked that the rows are finite unit
+    vectors and that ``lam`` is a float in [0, 1] (the loss does, in one device sync)."""
+    dtype = _compute_dtype(a.dtype)
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        return _slerp(a.to(dtype), b.to(dtype), float(lam)).to(a.dtype)
+
+
 def geodesic_mix(a: torch.Tensor, b: torch.Tensor, lam: LambdaLike) -> torch.Tensor:
     r"""Spherical interpolation (slerp) between the rows of ``a`` and ``b``.
 
@@ -120,16 +147,10 @@ def geodesic_mix(a: torch.Tensor, b: torch.Tensor, lam: LambdaLike) -> torch.Ten
     with torch.autocast(device_type=a.device.type, enabled=False):
         a32 = a.to(dtype)
         b32 = b.to(dtype)
-        tol = 10 * torch.finfo(dtype).eps
-        cos_ab = (a32 * b32).sum(dim=1, keepdim=True).clamp(-1.0, 1.0)
-        w = b32 - cos_ab * a32
-        sin_ab = (w * w).sum(dim=1, keepdim=True).clamp_min(tol * tol).sqrt()
-        # One device sync for every check, and for whether any great circle is degenerate.
         flags = torch.stack([
             ~torch.isfinite(a32).all(), ~torch.isfinite(b32).all(),
-            ((a32.detach().norm(dim=1) - 1).abs() > _UNIT_NORM_TOLERANCE).any(),
-            ((b32.detach().norm(dim=1) - 1).abs() > _UNIT_NORM_TOLERANCE).any(),
-            (sin_ab.detach() <= 4 * tol).any(),
+            ((a32.detach().norm(dim=1) - 1).abs() > UNIT_NORM_TOLERANCE).any(),
+            ((b32.detach().norm(dim=1) - 1).abs() > UNIT_NORM_TOLERANCE).any(),
         ]).tolist()
         if flags[0] or flags[1]:
             raise ValueError("geodesic_mix: inputs contain NaN or Inf")
@@ -138,23 +159,13 @@ def geodesic_mix(a: torch.Tensor, b: torch.Tensor, lam: LambdaLike) -> torch.Ten
                 "geodesic_mix: rows of a and b must be unit vectors; "
                 "normalise them first, e.g. torch.nn.functional.normalize(x, dim=-1)"
             )
-        any_degenerate = flags[4]
-        theta = torch.atan2(sin_ab, cos_ab)  # (N, 1), in [0, pi]
-
-        # Walk from the nearer end point, so that both end points are exact.
         if isinstance(lam, torch.Tensor) and lam.dim() > 0:  # one lambda per row
-            lam_t = _lambda_column(lam, n, a.device, dtype)
-            from_a = _walk(a32, b32, cos_ab, (1 - lam_t) * theta, tol, any_degenerate)
-            from_b = _walk(b32, a32, cos_ab, lam_t * theta, tol, any_degenerate)
-            mixed = torch.where(lam_t >= 0.5, from_a, from_b)
+            lam = _lambda_column(lam, n, a.device, dtype)
         else:
-            lam_f = float(lam)
-            if not (0.0 <= lam_f <= 1.0):
-                raise ValueError(f"geodesic_mix: lam must lie in [0, 1], got {lam_f!r}")
-            if lam_f >= 0.5:
-                mixed = _walk(a32, b32, cos_ab, (1 - lam_f) * theta, tol, any_degenerate)
-            else:
-                mixed = _walk(b32, a32, cos_ab, lam_f * theta, tol, any_degenerate)
+            lam = float(lam)
+            if not (0.0 <= lam <= 1.0):
+                raise ValueError(f"geodesic_mix: lam must lie in [0, 1], got {lam!r}")
+        mixed = _slerp(a32, b32, lam)
     return mixed.to(out_dtype)
 
 

@@ -11,40 +11,50 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 
-def _shared_projection(feature_sets: Sequence[Tuple[torch.Tensor, torch.Tensor]]):
-    """A 2-D basis (D, 2) from the top principal directions of every model's joint embeddings."""
-    joint = torch.cat([torch.cat([x, y]) for x, y in feature_sets]).double()
+def gap_plane(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A (D, 2) orthonormal basis: the modality-gap direction (mean image minus mean text) and
+    the joint embeddings' top principal direction orthogonal to it."""
+    x, y = x.double(), y.double()
+    e1 = x.mean(0) - y.mean(0)
+    if e1.norm() < 1e-12:  # no gap at all: any direction will do
+        e1 = torch.zeros_like(e1)
+        e1[0] = 1.0
+    e1 = e1 / e1.norm()
+    joint = torch.cat([x, y])
     joint = joint - joint.mean(0)
+    joint = joint - (joint @ e1)[:, None] * e1  # remove the gap direction
     _, _, v = torch.linalg.svd(joint, full_matrices=False)
-    return v[:2].T
+    e2 = v[0] - (v[0] @ e1) * e1
+    return torch.stack([e1, e2 / e2.norm()], dim=1)
 
 
 def plot_sphere_projection(models: Dict[str, Tuple[torch.Tensor, torch.Tensor]], path: str,
                            max_points: int = 400) -> None:
-    """Images and captions of each model projected on the unit circle (a 2-D principal plane of
-    each model's own joint embedding, each point renormalised), with each modality's mean
-    direction. Two separated arcs are the modality gap."""
+    """Each model's images and captions, projected (not centred) on the plane of the modality-gap
+    direction and the main direction of spread, then put on the unit circle. Two separate arcs
+    are the modality gap; the arrows are each modality's mean embedding (their length, at most 1,
+    shows how concentrated the modality is: a narrow cone gives a long arrow)."""
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4.4), squeeze=False)
     for ax, (name, (x, y)) in zip(axes[0], models.items()):
-        basis = _shared_projection([(x, y)])
-        centre = torch.cat([x, y]).double().mean(0)
+        basis = gap_plane(x, y)
         for feats, colour, label in ((x, "tab:blue", "image"), (y, "tab:orange", "text")):
-            p = (feats[:max_points].double() - centre) @ basis
+            p = feats[:max_points].double() @ basis
             p = p / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
             ax.scatter(p[:, 0], p[:, 1], s=6, alpha=0.5, c=colour, label=label)
-            m = (feats.double().mean(0) - centre) @ basis
-            m = m / m.norm().clamp_min(1e-12)
-            ax.annotate("", xy=(m[0], m[1]), xytext=(0, 0), arrowprops=dict(color=colour, width=2))
+            m = feats.double().mean(0) @ basis
+            ax.annotate("", xy=(m[0], m[1]), xytext=(0, 0),
+                        arrowprops=dict(color=colour, width=2, headwidth=8))
         gap = (x.double().mean(0) - y.double().mean(0)).norm().item()
         ax.add_patch(plt.Circle((0, 0), 1.0, fill=False, lw=0.5, color="grey"))
         ax.set_title(f"{name}\nmodality gap {gap:.3f}")
         ax.set_xlim(-1.2, 1.2)
         ax.set_ylim(-1.2, 1.2)
         ax.set_aspect("equal")
+        ax.set_xlabel("gap direction (mean image - mean text)", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle("Image and caption embeddings on the circle (principal plane, renormalised)")
+    fig.suptitle("Image and caption embeddings on the circle (gap plane, renormalised)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

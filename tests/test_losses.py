@@ -19,14 +19,15 @@ def features(n=6, d=8, seed=0, dtype=torch.float64):
 SCALE = torch.tensor(14.0, dtype=torch.float64)
 
 
-def test_contrastive_term_is_exactly_clip_loss():
+def test_contrastive_term_is_clip_loss():
     x, y = features(16, 32, dtype=torch.float32)
     scale = torch.tensor(30.0)
     ours = M2MixLoss()(x, y, scale, output_dict=True)["contrastive_loss"]
-    assert torch.equal(ours, ClipLoss()(x, y, scale))
+    # one product for both directions: equal to ClipLoss up to float rounding
+    torch.testing.assert_close(ours, ClipLoss()(x, y, scale), rtol=1e-6, atol=0)
     bias = torch.tensor(-3.0)
-    assert torch.equal(M2MixLoss()(x, y, scale, bias, output_dict=True)["contrastive_loss"],
-                       ClipLoss()(x, y, scale, bias))
+    torch.testing.assert_close(M2MixLoss()(x, y, scale, bias, output_dict=True)["contrastive_loss"],
+                               ClipLoss()(x, y, scale, bias), rtol=1e-6, atol=0)
     torch.testing.assert_close(ours, ref.clip_terms(x, y, x, y, 0, scale))
 
 
@@ -160,3 +161,27 @@ def test_bf16_autocast_is_finite_and_close_to_fp32():
         half = loss(xb, yb, torch.tensor(20.0), mix_lambda=0.3)
     assert torch.isfinite(half)
     torch.testing.assert_close(half.float(), full, rtol=3e-2, atol=0)
+
+
+def test_cross_entropy_with_positive_matches_scatter_and_gradcheck():
+    from m2mix_openclip.losses import _CrossEntropyWithPositive
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    positive = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 3, 2, 8, 4, 5])
+    ours = _CrossEntropyWithPositive.apply(logits, positive, target)
+    plain = F.cross_entropy(logits.scatter(1, target[:, None], positive[:, None]), target)
+    torch.testing.assert_close(ours, plain)
+    assert torch.autograd.gradcheck(lambda l, p: _CrossEntropyWithPositive.apply(l, p, target), (logits, positive))
+    again = _CrossEntropyWithPositive.apply(logits, positive, target)
+    first = torch.autograd.grad(again, [logits, positive], retain_graph=True)
+    second = torch.autograd.grad(again, [logits, positive])
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_non_unit_features_are_rejected_when_mixing():
+    x, y = features()
+    with pytest.raises(ValueError, match="unit-norm"):
+        M2MixLoss()(3 * x, y, SCALE)
+    # plain CLIP (every mixing weight 0) accepts any features, as ClipLoss does
+    M2MixLoss(m2mix_weight=0.0)(3 * x, y, SCALE)
