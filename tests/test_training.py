@@ -83,11 +83,17 @@ def test_resume_latest_continues_the_lambda_sequence(env):
 
 
 def test_torchrun_two_cpu_processes_local_loss_gather_with_grad(env):
+    # Fine-tune from a bare (model-only) state dict, which OpenCLIP 3.3.0 cannot load under DDP.
+    import open_clip
+    import torch
+    bare = env["base"] / "bare.pt"
+    torch.save(open_clip.create_model(env["model"]).state_dict(), bare)
     args = common_args(env["model"], env["logs"], "ddp", epochs=1, batch=8) + csv_args(env["data"])
+    args += ["--resume", str(bare)]
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
          "-m", "m2mix_openclip.train", "--", *args, "--loss", "m2mix", "--local-loss", "--gather-with-grad"])
     log = read_log(env["logs"], "ddp")
-    assert "total 2" in log and "M2mix_loss" in log
+    assert "total 2" in log and "M2mix_loss" in log and f"loaded checkpoint '{bare}'" in log
     assert GEOMETRY_KEYS <= set(results(env["logs"], "ddp")[0])
 
 

@@ -40,6 +40,7 @@ class _RunState:
         self.resume_path: Optional[str] = None
         self.resume_epoch: Optional[int] = None
         self.loss = None
+        self.args: Optional[argparse.Namespace] = None
 
 
 def add_plugin_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,6 +152,10 @@ class LambdaLogger:
             wandb.log(data, step=step)
 
 
+def _wrapped_in_ddp(args) -> bool:
+    return args is not None and getattr(args, "distributed", False) and not getattr(args, "horovod", False)
+
+
 def _has_state(loss) -> bool:
     return isinstance(loss, torch.nn.Module) and len(loss.state_dict()) > 0
 
@@ -227,12 +232,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     def parse_args(args):
         parsed = original_parse_args(args)
         run.eval_metrics = list(parsed.eval_metrics)
+        run.args = parsed  # the namespace OpenCLIP fills in (distributed, rank, ...) as it goes
         return parsed
 
     def pt_load(path, *args, **kwargs):
         checkpoint = original_pt_load(path, *args, **kwargs)
         if isinstance(checkpoint, dict) and "epoch" in checkpoint:
             run.resume_path, run.resume_epoch = path, int(checkpoint["epoch"])
+        elif isinstance(checkpoint, dict) and checkpoint and _wrapped_in_ddp(run.args):
+            # OpenCLIP 3.3.0 loads a bare (model-only) state dict into the DDP-wrapped model,
+            # whose keys start with "module.": fine-tuning from one on several processes fails.
+            if not next(iter(checkpoint)).startswith("module."):
+                checkpoint = {f"module.{k}": v for k, v in checkpoint.items()}
         return checkpoint
 
     def create_loss(args):
