@@ -63,7 +63,7 @@ def caption(label: int, index: int) -> str:
 
 def to_image(scan: np.ndarray, size: int = 32, shift: Optional[str] = None, seed: int = 0) -> Image.Image:
     """An 8x8 scan (0..16) as a size x size RGB image, optionally under a distribution shift."""
-    grey = Image.fromarray((scan * (255.0 / 16.0)).clip(0, 255).astype(np.uint8), mode="L")
+    grey = Image.fromarray((scan * (255.0 / 16.0)).clip(0, 255).astype(np.uint8))
     img = grey.resize((size, size), Image.BILINEAR)
     if shift == "rotate":
         img = img.rotate(30, resample=Image.BILINEAR)
@@ -72,7 +72,7 @@ def to_image(scan: np.ndarray, size: int = 32, shift: Optional[str] = None, seed
     elif shift == "noise":
         rng = np.random.default_rng(seed)
         arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 60, (size, size))
-        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
     elif shift is not None:
         raise ValueError(f"unknown shift {shift!r}; choose one of {list(SHIFTS)}")
     return img.convert("RGB")

@@ -50,3 +50,38 @@ def test_help_lists_openclip_and_plugin_flags(capsys):
                  "--m2mix-temperature", "--mix-schedule", "--vmix-weight", "--lmix-weight", "--vlmix-weight",
                  "--unimix-alpha", "--mix-pairing", "--eval-metrics"):
         assert flag in out, flag
+
+
+def test_lambda_logger_writes_tensorboard_and_wandb_at_openclip_steps(monkeypatch):
+    import sys
+    import types
+    from argparse import Namespace
+
+    import torch
+    import torch.nn.functional as F
+
+    from m2mix_openclip import M2MixLoss
+    from m2mix_openclip.integration.launcher import LambdaLogger
+
+    class Writer:
+        def __init__(self):
+            self.scalars = []
+
+        def add_scalar(self, name, value, step):
+            self.scalars.append((name, value, step))
+
+    logged = []
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(log=lambda data, step: logged.append((data, step))))
+    loss = M2MixLoss(vmix_weight=0.1)
+    writer = Writer()
+    args = Namespace(accum_freq=2, rank=0, log_every_n_steps=2, wandb=True)
+    wrapped = LambdaLogger(loss, epoch=1, num_batches_per_epoch=3, args=args, tb_writer=writer)
+    x = F.normalize(torch.randn(4, 8), dim=1)
+    lambdas = []
+    for _ in range(6):  # 3 optimizer steps of 2 micro-batches
+        wrapped(x, x.roll(1, 0), torch.tensor(10.0), output_dict=True)
+        lambdas.append(dict(loss.last_lambdas))
+    # steps 3 (i_accum 0) and 5 (i_accum 2, the last) are logged, with the last micro-batch's lambdas
+    assert [s for n, _, s in writer.scalars if n == "train/m2mix_lambda"] == [3, 5]
+    assert ("train/vmix_lambda", lambdas[1]["vmix"], 3) in writer.scalars
+    assert [step for _, step in logged] == [3, 5] and logged[1][0]["train/m2mix_lambda"] == lambdas[5]["m2mix"]
