@@ -10,7 +10,6 @@ By default the model is a ViT large enough on these CPUs that the encoders domin
 """
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -19,6 +18,7 @@ import sys
 import tempfile
 
 from m2mix_openclip.data import write_dataset
+from m2mix_openclip.demo import write_local_model
 
 BENCH_MODEL = {  # ~25 M parameters: the encoders dominate a CPU training step
     "model_cfg": {
@@ -53,10 +53,7 @@ def main():
     work = args.work_dir or tempfile.mkdtemp(prefix="m2mix-bench-")
     model = args.model
     if model is None:
-        os.makedirs(os.path.join(work, "model"), exist_ok=True)
-        with open(os.path.join(work, "model", "open_clip_config.json"), "w") as f:
-            json.dump(BENCH_MODEL, f)
-        model = f"local-dir:{os.path.join(work, 'model')}"
+        model = write_local_model(os.path.join(work, "model"), BENCH_MODEL)
     need = args.batch_size * args.steps
     data = write_dataset(os.path.join(work, "data"), splits=("pretrain",), limit=need, shifts=(), size=64)
     if data["pretrain"]["num_samples"] < need:

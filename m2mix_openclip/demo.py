@@ -33,6 +33,16 @@ TINY_MODEL = {
     },
     "preprocess_cfg": {},
 }
+
+
+def write_local_model(folder: str, config: dict = TINY_MODEL) -> str:
+    """Writes an OpenCLIP ``open_clip_config.json`` into ``folder``; returns ``local-dir:folder``."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
+        json.dump(config, f)
+    return f"local-dir:{folder}"
+
+
 SUMMARY_KEYS = [
     "image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10", "text_to_image_R@1", "text_to_image_R@5",
     "text_to_image_R@10", "image_to_text_label_precision@1", "text_to_image_label_precision@1",
@@ -42,9 +52,10 @@ SUMMARY_KEYS = [
 ]
 
 
-def _train(name, args, out, extra, log):
-    cmd = [sys.executable, "-m", "m2mix_openclip.train",
-           "--model", f"local-dir:{os.path.join(out, 'model')}", "--precision", "fp32", "--device", args.device,
+def _train(name, args, out, model_name, epochs, extra, log):
+    """Runs OpenCLIP's trainer through the launcher; returns the last checkpoint's path."""
+    cmd = [sys.executable, "-m", "m2mix_openclip.train", "--epochs", str(epochs),
+           "--model", model_name, "--precision", "fp32", "--device", args.device,
            "--workers", "0", "--logs", os.path.join(out, "logs"), "--name", name, "--seed", str(args.seed),
            "--report-to", "", "--log-every-n-steps", "5", "--save-frequency", "0",
            "--csv-img-key", "filepath", "--csv-caption-key", "title", *extra]
@@ -55,11 +66,7 @@ def _train(name, args, out, extra, log):
         status = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if status != 0:
         raise RuntimeError(f"training step {name!r} failed (exit {status}); see {log}")
-    return os.path.join(out, "logs", name, "checkpoints", f"epoch_{_epochs(extra)}.pt")
-
-
-def _epochs(extra):
-    return int(extra[extra.index("--epochs") + 1])
+    return os.path.join(out, "logs", name, "checkpoints", f"epoch_{epochs}.pt")
 
 
 def _bare_state(checkpoint, path):
@@ -74,11 +81,8 @@ def run_demo(args) -> dict:
     out = os.path.abspath(args.out)
     if os.path.exists(os.path.join(out, "logs")):
         raise SystemExit(f"{out} already holds a demo run (logs/); choose a new --out or remove it")
-    os.makedirs(os.path.join(out, "model"), exist_ok=True)
-    with open(os.path.join(out, "model", "open_clip_config.json"), "w") as f:
-        json.dump(TINY_MODEL, f)
+    model_name = write_local_model(os.path.join(out, "model"))
     log = os.path.join(out, "training.log")
-    torch.manual_seed(args.seed)
     start = time.time()
 
     stages = tqdm(total=5, desc="m2mix-demo", unit="stage")
@@ -88,25 +92,24 @@ def run_demo(args) -> dict:
 
     common = ["--batch-size", str(args.batch_size), "--val-data", data["test"]["csv"]]
     stages.set_postfix_str("pre-training (standard CLIP loss)")
-    pre = _train("pretrain", args, out, common + [
-        "--train-data", data["pretrain"]["csv"], "--epochs", str(args.pretrain_epochs), "--lr", "1e-3",
-        "--warmup", "20", "--loss", "clip"], log)
+    pre = _train("pretrain", args, out, model_name, args.pretrain_epochs, common + [
+        "--train-data", data["pretrain"]["csv"], "--lr", "1e-3", "--warmup", "20", "--loss", "clip"], log)
     base = _bare_state(pre, os.path.join(out, "pretrained.pt"))
     stages.update()
 
-    finetune = common + ["--train-data", data["finetune"]["csv"], "--epochs", str(args.finetune_epochs),
-                         "--lr", str(args.lr), "--wd", "0.2", "--warmup", "5", "--resume", base]
+    finetune = common + ["--train-data", data["finetune"]["csv"], "--lr", str(args.lr), "--wd", "0.2",
+                         "--warmup", "5", "--resume", base]
     checkpoints = {"pretrained": base}
     stages.set_postfix_str("fine-tuning with --loss clip")
-    checkpoints["finetuned clip"] = _train("finetune-clip", args, out, finetune + ["--loss", "clip"], log)
+    checkpoints["finetuned clip"] = _train("finetune-clip", args, out, model_name, args.finetune_epochs,
+                                           finetune + ["--loss", "clip"], log)
     stages.update()
     stages.set_postfix_str("fine-tuning with --loss m2mix")
-    checkpoints["finetuned m2mix"] = _train("finetune-m2mix", args, out, finetune + [
-        "--loss", "m2mix", "--m2mix-weight", str(args.m2mix_weight)], log)
+    checkpoints["finetuned m2mix"] = _train("finetune-m2mix", args, out, model_name, args.finetune_epochs,
+                                            finetune + ["--loss", "m2mix", "--m2mix-weight", str(args.m2mix_weight)], log)
     stages.update()
 
     stages.set_postfix_str("evaluating")
-    model_name = f"local-dir:{os.path.join(out, 'model')}"
     test = load_pairs(data["test"]["csv"])
     labels = torch.tensor([p["label"] for p in test])
     shifted = {s: load_pairs(data[f"test-{s}"]["csv"]) for s in SHIFTS}
@@ -176,7 +179,6 @@ def main(argv=None):
     if args.fast:
         args.limit = args.limit or 96
         args.pretrain_epochs, args.finetune_epochs, args.batch_size = 2, 2, 32
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     run_demo(args)
     return 0
 

@@ -8,7 +8,7 @@ never an N x N x D tensor nor a full N x N matrix.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn.functional as F

@@ -24,25 +24,18 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _lambda_column(lam: LambdaLike, n: int, device, dtype) -> torch.Tensor:
-    """Returns lambda as an (N, 1) tensor, validated to lie in [0, 1]."""
-    if isinstance(lam, torch.Tensor):
-        lam_t = lam.detach().to(device=device, dtype=dtype)
-        if lam_t.dim() == 0:
-            lam_t = lam_t.expand(n)
-        if lam_t.shape not in ((n,), (n, 1)):
-            raise ValueError(
-                f"geodesic_mix: lam must be a float or a tensor of shape ({n},) or ({n}, 1), "
-                f"got shape {tuple(lam.shape)}"
-            )
-        lam_t = lam_t.reshape(n, 1)
-        if not bool(torch.all((lam_t >= 0) & (lam_t <= 1))):
-            raise ValueError("geodesic_mix: every lam must lie in [0, 1] (and be finite)")
-        return lam_t
-    lam_f = float(lam)
-    if not (0.0 <= lam_f <= 1.0):
-        raise ValueError(f"geodesic_mix: lam must lie in [0, 1], got {lam_f!r}")
-    return torch.full((n, 1), lam_f, device=device, dtype=dtype)
+def _lambda_column(lam: torch.Tensor, n: int, device, dtype) -> torch.Tensor:
+    """Per-row lambda, shape (N,) or (N, 1), as a validated (N, 1) tensor in [0, 1]."""
+    lam_t = lam.detach().to(device=device, dtype=dtype)
+    if lam_t.shape not in ((n,), (n, 1)):
+        raise ValueError(
+            f"geodesic_mix: lam must be a float or a tensor of shape ({n},) or ({n}, 1), "
+            f"got shape {tuple(lam.shape)}"
+        )
+    lam_t = lam_t.reshape(n, 1)
+    if not bool(torch.all((lam_t >= 0) & (lam_t <= 1))):
+        raise ValueError("geodesic_mix: every lam must lie in [0, 1] (and be finite)")
+    return lam_t
 
 
 def _fallback_tangent(p: torch.Tensor) -> torch.Tensor:

@@ -8,12 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from m2mix_openclip.data import CLASS_NAMES, load_digits_arrays, split_indices, write_dataset
-from m2mix_openclip.evaluation import (embedding_arithmetic, expected_calibration_error, load_model,
-                                       load_pairs, retrieval_metrics)
+from m2mix_openclip.data import CLASS_NAMES, load_digits_arrays, split_indices
+from m2mix_openclip.evaluation import load_model, load_pairs
 
 pytestmark = pytest.mark.slow
 

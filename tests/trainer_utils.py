@@ -6,23 +6,14 @@ import re
 import subprocess
 import sys
 
-TINY_CONFIG = {
-    "model_cfg": {
-        "embed_dim": 64,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-    },
-    "preprocess_cfg": {},
-}
+from m2mix_openclip.demo import write_local_model
+
 GEOMETRY_KEYS = {"alignment", "uniformity_image", "uniformity_text", "uniformity_joint",
                  "relative_alignment", "modality_gap", "positive_cosine", "negative_cosine"}
 
 
 def write_tiny_model(folder):
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
-        json.dump(TINY_CONFIG, f)
-    return f"local-dir:{folder}"
+    return write_local_model(folder)
 
 
 def common_args(model, logs, name, epochs=2, batch=16):

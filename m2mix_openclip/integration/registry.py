@@ -61,26 +61,25 @@ def available_eval_metrics():
     return sorted(_load(EVAL_METRICS_GROUP))
 
 
-def get_loss(name: str) -> LossPlugin:
-    """The loss plugin registered as ``name``; an unknown name lists the known ones."""
-    eps = _load(LOSS_GROUP)
+def _resolve(group: str, name: str, kind: str, kinds: str):
+    eps = _load(group)
     if name not in eps:
         raise ValueError(
-            f"unknown loss {name!r}; registered losses (entry-point group {LOSS_GROUP!r}): "
+            f"unknown {kind} {name!r}; registered {kinds} (entry-point group {group!r}): "
             f"{', '.join(sorted(eps)) or 'none'}"
         )
-    plugin = eps[name].load()
+    return eps[name]
+
+
+def get_loss(name: str) -> LossPlugin:
+    """The loss plugin registered as ``name``; an unknown name lists the known ones."""
+    entry_point = _resolve(LOSS_GROUP, name, "loss", "losses")
+    plugin = entry_point.load()
     if not callable(plugin):
-        raise TypeError(f"loss entry point {name!r} ({eps[name].value}) is not callable")
+        raise TypeError(f"loss entry point {name!r} ({entry_point.value}) is not callable")
     return plugin
 
 
 def get_eval_metric(name: str) -> Callable:
     """The evaluation-metric function registered as ``name``; an unknown name lists the known ones."""
-    eps = _load(EVAL_METRICS_GROUP)
-    if name not in eps:
-        raise ValueError(
-            f"unknown eval metric {name!r}; registered metrics (entry-point group "
-            f"{EVAL_METRICS_GROUP!r}): {', '.join(sorted(eps)) or 'none'}"
-        )
-    return eps[name].load()
+    return _resolve(EVAL_METRICS_GROUP, name, "eval metric", "metrics").load()
