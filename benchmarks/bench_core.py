@@ -1,6 +1,10 @@
 """Core benchmark: M2MixLoss over ClipLoss (fwd + bwd), and embedding_geometry time and memory.
 
     python benchmarks/bench_core.py [--sizes 256 1024 4096] [--geometry 5000 25000]
+    python benchmarks/bench_core.py --device cuda --geometry   # on a GPU: also proves no host sync
+
+With ``--device cuda`` every M2MixLoss step runs under ``torch.cuda.set_sync_debug_mode("error")``,
+so any device-to-host synchronisation inside the loss raises.
 
 Ratios are measured in one run with the two losses interleaved (medians of repeats),
 so a noisy machine moves both sides alike. Peak memory of embedding_geometry is measured
@@ -21,26 +25,38 @@ from open_clip.loss import ClipLoss
 from m2mix_openclip import M2MixLoss, embedding_geometry
 
 
-def step_time(loss_fn, x0, y0, scale):
+def step_time(loss_fn, x0, y0, scale, strict_sync=False):
     x = x0.clone().requires_grad_()
     y = y0.clone().requires_grad_()
+    cuda = x.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    loss = loss_fn(F.normalize(x, dim=1), F.normalize(y, dim=1), scale)
-    loss.backward()
+    if strict_sync:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = loss_fn(F.normalize(x, dim=1), F.normalize(y, dim=1), scale)
+        loss.backward()
+    finally:
+        if strict_sync:
+            torch.cuda.set_sync_debug_mode(0)
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def loss_ratio(batch, dim, repeats):
+def loss_ratio(batch, dim, repeats, device="cpu"):
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(batch, dim, generator=g), torch.randn(batch, dim, generator=g)
-    scale = torch.tensor(100.0)
+    x, y = torch.randn(batch, dim, generator=g).to(device), torch.randn(batch, dim, generator=g).to(device)
+    scale = torch.tensor(100.0, device=device)
     clip, m2mix = ClipLoss(), M2MixLoss()
-    for fn in (clip, m2mix):
-        step_time(fn, x, y, scale)  # warm-up
+    strict = device == "cuda"
+    step_time(clip, x, y, scale)  # warm-up; the first M2MixLoss call checks its inputs once (one sync)
+    step_time(m2mix, x, y, scale)
     clip_t, m2mix_t = [], []
     for _ in range(repeats):
         clip_t.append(step_time(clip, x, y, scale))
-        m2mix_t.append(step_time(m2mix, x, y, scale))
+        m2mix_t.append(step_time(m2mix, x, y, scale, strict_sync=strict))
     c, m = statistics.median(clip_t), statistics.median(m2mix_t)
     return {"batch": batch, "dim": dim, "clip_ms": 1e3 * c, "m2mix_ms": 1e3 * m, "ratio": m / c}
 
@@ -73,15 +89,17 @@ def main():
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--geometry", type=int, nargs="*", default=[5000, 25000])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: sync debug mode 'error').")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return geometry_child(args.child, args.dim)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("M2MixLoss (m2mix on, defaults) vs ClipLoss, forward + backward, target ratio <= 2.0")
+    print(f"M2MixLoss (m2mix on, defaults) vs ClipLoss on {args.device}, forward + backward, target ratio <= 2.0"
+          + (" (M2MixLoss steps under sync debug mode 'error')" if args.device == "cuda" else ""))
     for batch in args.sizes:
-        r = loss_ratio(batch, args.dim, args.repeats if batch < 4096 else max(3, args.repeats // 2))
+        r = loss_ratio(batch, args.dim, args.repeats if batch < 4096 else max(3, args.repeats // 2), args.device)
         print(f"  B={r['batch']:5d} D={r['dim']}: ClipLoss {r['clip_ms']:8.1f} ms  "
               f"M2MixLoss {r['m2mix_ms']:8.1f} ms  ratio {r['ratio']:.2f}")
     print("embedding_geometry (all 8 metrics), fresh process per N")

@@ -5,12 +5,13 @@ Pure tensor maths: nothing here knows about OpenCLIP's trainer.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
-__all__ = ["geodesic_mix", "sample_beta", "mix_unit_rows"]
+__all__ = ["geodesic_mix", "sample_beta", "mix_unit_rows", "compute_dtype", "no_autocast"]
 
 LambdaLike = Union[float, int, torch.Tensor]
 
@@ -19,7 +20,15 @@ LambdaLike = Union[float, int, torch.Tensor]
 UNIT_NORM_TOLERANCE = 1e-2
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def no_autocast(device: torch.device):
+    """A context with autocast off on ``device`` (meta tensors, which have no autocast, get none)."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64, else float32."""
     # Half precisions lose the small angles that matter near theta = 0 and pi.
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -52,42 +61,46 @@ def _fallback_tangent(p: torch.Tensor) -> torch.Tensor:
 
 
 def _walk(p: torch.Tensor, q: torch.Tensor, cos_pq: torch.Tensor, phi: torch.Tensor,
-          tol: float, any_degenerate: bool) -> torch.Tensor:
-    """The point at angle ``phi`` from ``p`` along the great circle towards ``q``."""
+          tol: float) -> torch.Tensor:
+    """The point at angle ``phi`` from ``p`` along the great circle towards ``q``.
+
+    Branch-free (no device sync): where the circle is degenerate (q = p or q = -p) the tangent
+    falls back to ``_fallback_tangent``, selected per row with ``torch.where``.
+    """
     w = q - cos_pq * p  # (N, D): q's component orthogonal to p, norm sin(theta)
     # A safe norm: its gradient is finite (zero) where w vanishes.
     w_norm = (w * w).sum(dim=1, keepdim=True).clamp_min(tol * tol).sqrt()
-    if not any_degenerate:
-        return torch.cos(phi) * p + (torch.sin(phi) / w_norm) * w
     tangent = torch.where(w_norm <= tol, _fallback_tangent(p.detach()), w / w_norm)
     return torch.cos(phi) * p + torch.sin(phi) * tangent
 
 
 def _slerp(a: torch.Tensor, b: torch.Tensor, lam: Union[float, torch.Tensor]) -> torch.Tensor:
-    """Slerp of validated unit rows (float32/64), lam a float or an (N, 1) tensor."""
+    """Slerp of unit rows (float32/64), lam a float or an (N, 1) tensor. No device sync and no
+    data-dependent branch: non-finite rows give non-finite results, nothing raises."""
     tol = 10 * torch.finfo(a.dtype).eps
     cos_ab = (a * b).sum(dim=1, keepdim=True).clamp(-1.0, 1.0)
     w = b - cos_ab * a
     sin_ab = (w * w).sum(dim=1, keepdim=True).clamp_min(tol * tol).sqrt()
-    # Whether any great circle is degenerate (theta ~ 0 or pi), the one device sync here.
-    any_degenerate = bool((sin_ab.detach() <= 4 * tol).any())
     theta = torch.atan2(sin_ab, cos_ab)  # (N, 1), in [0, pi]
     # Walk from the nearer end point, so that both end points are exact.
     if isinstance(lam, torch.Tensor):
-        from_a = _walk(a, b, cos_ab, (1 - lam) * theta, tol, any_degenerate)
-        from_b = _walk(b, a, cos_ab, lam * theta, tol, any_degenerate)
+        from_a = _walk(a, b, cos_ab, (1 - lam) * theta, tol)
+        from_b = _walk(b, a, cos_ab, lam * theta, tol)
         return torch.where(lam >= 0.5, from_a, from_b)
     if lam >= 0.5:
-        return _walk(a, b, cos_ab, (1 - lam) * theta, tol, any_degenerate)
-    return _walk(b, a, cos_ab, lam * theta, tol, any_degenerate)
+        return _walk(a, b, cos_ab, (1 - lam) * theta, tol)
+    return _walk(b, a, cos_ab, lam * theta, tol)
 
 
-def mix_unit_rows(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
-    """``geodesic_mix`` for callers that have already checked that the rows are finite unit
-    vectors and that ``lam`` is a float in [0, 1] (the loss does, in one device sync)."""
-    dtype = _compute_dtype(a.dtype)
-    with torch.autocast(device_type=a.device.type, enabled=False):
-        return _slerp(a.to(dtype), b.to(dtype), float(lam)).to(a.dtype)
+def mix_unit_rows(a: torch.Tensor, b: torch.Tensor, lam: float,
+                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``geodesic_mix`` without argument checks, for the training step: no device sync, no
+    exception on data (NaN in, NaN out). ``lam`` is a Python float in [0, 1]. Computed in
+    float32 (float64 for float64 inputs) with autocast off; returned in ``out_dtype``
+    (default: the dtype of ``a``)."""
+    dtype = compute_dtype(a.dtype)
+    with no_autocast(a.device):
+        return _slerp(a.to(dtype), b.to(dtype), float(lam)).to(out_dtype or a.dtype)
 
 
 def geodesic_mix(a: torch.Tensor, b: torch.Tensor, lam: LambdaLike) -> torch.Tensor:
@@ -136,8 +149,8 @@ def geodesic_mix(a: torch.Tensor, b: torch.Tensor, lam: LambdaLike) -> torch.Ten
         raise ValueError(f"geodesic_mix: vectors need at least 2 dimensions, got D={a.shape[1]}")
     n = a.shape[0]
     out_dtype = a.dtype
-    dtype = _compute_dtype(a.dtype)
-    with torch.autocast(device_type=a.device.type, enabled=False):
+    dtype = compute_dtype(a.dtype)
+    with no_autocast(a.device):
         a32 = a.to(dtype)
         b32 = b.to(dtype)
         flags = torch.stack([

@@ -57,7 +57,14 @@ def m2mix_term(xr, yr, xc, yc, offset, lam, temperature):
 
 
 def unimix_term(kind, xr, yr, xc, yc, offset, lam, pair, scale):
-    """V-Mix / L-Mix / VL-Mix with partner pair[j] of global sample j."""
+    """V-Mix / L-Mix / VL-Mix with partner pair[j] of global sample j, for any permutation.
+
+    Every (possibly mixed) item is written as what it holds: the mix of sample j holds j with
+    weight lam and pair[j] with 1 - lam; a plain item j holds j. The soft target of an anchor
+    against a column is the weight that the mixed one of the two gives to the plain one's
+    sample. VL-Mix (both sides mixed) follows the reference: the anchor's own index and its
+    partner's are both positives, each with weight 1 (well-defined for an involution only).
+    """
     n_rows, n_cols = xr.shape[0], xc.shape[0]
     rows = torch.arange(offset, offset + n_rows)
     mix_img = kind in ("vmix", "vlmix")
@@ -66,17 +73,33 @@ def unimix_term(kind, xr, yr, xc, yc, offset, lam, pair, scale):
     y_cols = slerp(yc, yc[pair], lam).to(yc.dtype) if mix_txt else yc
     x_rows = slerp(xr, xc[pair[rows]], lam).to(xr.dtype) if mix_img else xr
     y_rows = slerp(yr, yc[pair[rows]], lam).to(yr.dtype) if mix_txt else yr
-    full = torch.zeros(n_cols, n_cols, dtype=xr.dtype)
-    for i in range(n_cols):
-        if kind == "vlmix":
-            full[i, i] += 1.0
-            full[i, pair[i]] += 1.0
-        else:
-            full[i, i] += lam
-            full[i, pair[i]] += 1 - lam
+
+    def holds(mixed_index, sample):
+        """Weight of plain sample `sample` in the mix made from `mixed_index`."""
+        w = 0.0
+        if sample == mixed_index:
+            w += lam
+        if sample == int(pair[mixed_index]):
+            w += 1 - lam
+        return w
+
+    t_img = torch.zeros(n_rows, n_cols, dtype=xr.dtype)  # image anchors against captions
+    t_txt = torch.zeros(n_rows, n_cols, dtype=xr.dtype)  # caption anchors against images
+    for a in range(n_rows):
+        g = offset + a
+        for b in range(n_cols):
+            if kind == "vlmix":
+                t_img[a, b] = float(b == g) + float(b == int(pair[g]))
+                t_txt[a, b] = float(b == g) + float(b == int(pair[g]))
+            elif kind == "vmix":  # mixed image g vs plain caption b; plain caption g vs mixed image b
+                t_img[a, b] = holds(g, b)
+                t_txt[a, b] = holds(b, g)
+            else:  # lmix: plain image g vs mixed caption b; mixed caption g vs plain image b
+                t_img[a, b] = holds(b, g)
+                t_txt[a, b] = holds(g, b)
     li = scale * x_rows @ y_cols.T
     lt = scale * y_rows @ x_cols.T
-    return (soft_ce(li, full[rows]) + soft_ce(lt, full.T[rows])) / 2
+    return (soft_ce(li, t_img) + soft_ce(lt, t_txt)) / 2
 
 
 def uniformity_bruteforce(u, t=2.0):

@@ -1,0 +1,233 @@
+"""``M2MixLoss``: OpenCLIP's ``ClipLoss`` plus geodesic multi-modal mixup, a drop-in for it.
+
+Only ``open_clip.loss`` (the model-side library, not the trainer) is imported here:
+``ClipLoss`` for its conventions (labels, label caching) and ``gather_features`` for
+multi-process batches. The formulas are in :mod:`.terms`, the per-step state in :mod:`.mixing`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from open_clip.loss import ClipLoss, gather_features
+
+from ..mixup import compute_dtype, mix_unit_rows
+from .mixing import MixingStateMixin, check_alpha, check_temperature, check_weight
+from .terms import clip_contrastive_term, m2mix_softmax_term, mix_target_rows, unimodal_mix_term
+
+__all__ = ["M2MixLoss"]
+
+
+class M2MixLoss(MixingStateMixin, ClipLoss):
+    r"""CLIP's contrastive loss plus geodesic multi-modal mixup (m²-Mix) and its uni-modal variants.
+
+    From Oh et al., "Geodesic Multi-Modal Mixup for Robust Fine-Tuning", NeurIPS 2023
+    (arXiv 2203.03897). With image features :math:`x_i` and caption features :math:`y_i`
+    (unit vectors), the m²-Mix term mixes each image with its own caption on the sphere,
+    :math:`m_j = \mathrm{slerp}(x_j, y_j, \lambda)`, :math:`\lambda \sim \mathrm{Beta}(\alpha, \alpha)`,
+    and uses the mixed vectors as hard negatives:
+
+    - image-anchored logits: :math:`\langle x_i, y_i\rangle` on the diagonal, :math:`\langle x_i, m_j\rangle` off it;
+    - text-anchored logits: :math:`\langle y_i, x_i\rangle` on the diagonal, :math:`\langle y_i, m_j\rangle` off it;
+
+    both divided by ``m2mix_temperature``, cross-entropy against the diagonal, the two
+    directions averaged as in ``ClipLoss``. The reference implementation sums the two
+    directions, so its ``mmmix = w`` is ``m2mix_weight = 2 w`` here.
+
+    Uni-modal variants (logits scaled by ``1 / unimix_temperature``, by default the model's
+    learned ``logit_scale``; sample i paired with sample N-1-i of the global batch, or with a
+    random perfect matching):
+
+    - V-Mix: mixed images ``slerp(x_i, x_pair(i))`` against texts, soft targets lam on i, 1-lam on pair(i);
+    - L-Mix: images against mixed texts, soft targets lam on i, 1-lam on the mix that holds i;
+    - VL-Mix: mixed images against mixed texts (one lam), i and pair(i) both positives.
+
+    Every mixing term is multiplied by its weight and by the schedule: ``1 / (epoch + 1)``
+    for ``"inverse-epoch"`` (set the epoch with :meth:`set_epoch`, counted from 0) or 1
+    for ``"constant"``.
+
+    Lambda (and the random pairing) come from a ``torch.Generator`` owned by the loss and
+    seeded by ``seed``, so every rank draws the same values at the same step: one draw per
+    optimizer step, reused by the ``calls_per_step`` calls that OpenCLIP makes per step with
+    ``--accum-freq``. The generator is part of ``state_dict()`` (as ``_extra_state``), for
+    resuming.
+
+    The training step makes no device-to-host transfer and never raises on data: NaN or Inf
+    features give a non-finite loss and gradients, as in ``ClipLoss`` (a GradScaler then
+    skips the step), and every rank reaches every collective. Such steps are counted on the
+    device and reported by :meth:`logged_scalars` at the trainer's logging steps.
+
+    Attributes:
+        m2mix_weight: weight of the m²-Mix term (0 turns it off). Default 0.02.
+        m2mix_alpha: Beta parameter for the m²-Mix lambda. Default 0.5.
+        m2mix_temperature: temperature of the m²-Mix logits; ``None`` uses the model's
+            learned ``logit_scale``. Default 0.07 (the reference's tau2).
+        vmix_weight, lmix_weight, vlmix_weight: weights of the uni-modal terms (default 0, off).
+        unimix_alpha: Beta parameter for the uni-modal lambdas. Default 0.5.
+        unimix_temperature: temperature of the uni-modal logits; ``None`` (default) uses the
+            model's ``logit_scale``; the reference fixes 0.01.
+        mix_pairing: ``"reverse"`` (i with N-1-i, the reference) or ``"random"``.
+        mix_schedule: ``"inverse-epoch"`` or ``"constant"``.
+        calls_per_step: calls of ``forward`` per optimizer step (OpenCLIP's ``--accum-freq``).
+        last_lambdas: the lambda each enabled term used in the last call.
+        last_pairings: the (G,) partners each uni-modal term used in the last call (CPU).
+
+    Raises:
+        ValueError: at construction, for an alpha <= 0, a negative weight, a temperature
+            <= 0, an unknown schedule or pairing; in ``forward``, for fewer than 2 pairs
+            in the (global) batch or mismatched shapes (both known without reading the
+            device), and, at the first call only, for features that are not unit vectors.
+
+    Example::
+
+        >>> loss = M2MixLoss(m2mix_weight=0.02, seed=0)
+        >>> x = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+        >>> y = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+        >>> terms = loss(x, y, logit_scale=torch.tensor(100.0), output_dict=True)
+        >>> sorted(terms)
+        ['contrastive_loss', 'm2mix_loss']
+    """
+
+    TERMS = ("m2mix", "vmix", "lmix", "vlmix")
+
+    def __init__(
+            self,
+            local_loss: bool = False,
+            gather_with_grad: bool = False,
+            cache_labels: bool = False,
+            rank: int = 0,
+            world_size: int = 1,
+            use_horovod: bool = False,
+            m2mix_weight: float = 0.02,
+            m2mix_alpha: float = 0.5,
+            m2mix_temperature: Optional[float] = 0.07,
+            vmix_weight: float = 0.0,
+            lmix_weight: float = 0.0,
+            vlmix_weight: float = 0.0,
+            unimix_alpha: float = 0.5,
+            unimix_temperature: Optional[float] = None,
+            mix_pairing: str = "reverse",
+            mix_schedule: str = "inverse-epoch",
+            seed: int = 0,
+            calls_per_step: int = 1,
+    ):
+        super().__init__(
+            local_loss=local_loss,
+            gather_with_grad=gather_with_grad,
+            cache_labels=cache_labels,
+            rank=rank,
+            world_size=world_size,
+            use_horovod=use_horovod,
+        )
+        self.m2mix_weight = check_weight("m2mix_weight", m2mix_weight)
+        self.vmix_weight = check_weight("vmix_weight", vmix_weight)
+        self.lmix_weight = check_weight("lmix_weight", lmix_weight)
+        self.vlmix_weight = check_weight("vlmix_weight", vlmix_weight)
+        self.m2mix_alpha = check_alpha("m2mix_alpha", m2mix_alpha)
+        self.unimix_alpha = check_alpha("unimix_alpha", unimix_alpha)
+        self.m2mix_temperature = check_temperature("m2mix_temperature", m2mix_temperature)
+        self.unimix_temperature = check_temperature("unimix_temperature", unimix_temperature)
+        self._init_mixing(mix_schedule, mix_pairing, seed, calls_per_step)
+
+    @property
+    def enabled_terms(self):
+        return [t for t in self.TERMS if getattr(self, f"{t}_weight") > 0]
+
+    def _check_shapes(self, image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+        # Shapes are known on the host: checking them costs no device sync.
+        if image_features.dim() != 2 or image_features.shape != text_features.shape:
+            raise ValueError(
+                f"image_features and text_features must both be (batch, dim) with the same shape, "
+                f"got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
+            )
+        if image_features.shape[0] * self.world_size < 2:
+            raise ValueError(
+                "M2MixLoss needs at least 2 image-text pairs in the (global) batch to form negatives, "
+                f"got {image_features.shape[0] * self.world_size}; increase --batch-size"
+            )
+
+    def forward(
+            self,
+            image_features: torch.Tensor,
+            text_features: torch.Tensor,
+            logit_scale: torch.Tensor,
+            logit_bias: Optional[torch.Tensor] = None,
+            output_dict: bool = False,
+            mix_lambda: Optional[float] = None,
+            **kwargs,
+    ):
+        if kwargs:
+            raise TypeError(
+                f"M2MixLoss.forward got unexpected arguments {sorted(kwargs)}; it takes the "
+                "outputs of a CLIP model (distillation and CoCa outputs are not supported)"
+            )
+        if mix_lambda is not None and not (0.0 <= float(mix_lambda) <= 1.0):
+            raise ValueError(f"mix_lambda must be a float in [0, 1], got {mix_lambda!r}")
+        self._check_shapes(image_features, text_features)
+        new_step = self._begin_call()
+        device = image_features.device
+
+        if self.world_size > 1:
+            all_image, all_text = gather_features(
+                image_features, text_features,
+                local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
+                rank=self.rank, world_size=self.world_size, use_horovod=self.use_horovod,
+            )
+        else:
+            all_image, all_text = image_features, text_features
+        # Anchors are the rows of the logit matrices: local rows with local_loss, else global.
+        local_rows = self.world_size > 1 and self.local_loss
+        image_rows, text_rows = (image_features, text_features) if local_rows else (all_image, all_text)
+        num_rows, num_global = image_rows.shape[0], all_image.shape[0]
+        start = self.rank * num_rows if local_rows else 0  # this rank's rows of a (G, G) matrix
+        labels = self.get_ground_truth(device, num_rows)  # (R,) global column of each anchor's pair
+
+        losses = {"contrastive_loss": clip_contrastive_term(
+            image_rows, text_rows, all_image, all_text, logit_scale, labels, logit_bias,
+            rows_are_global=not local_rows)}
+        if self.enabled_terms:
+            self._check_unit_rows_once(all_image, all_text)
+        factor = self.schedule_factor
+
+        if self.m2mix_weight > 0:
+            lam = self._step_lambda("m2mix", self.m2mix_alpha, mix_lambda, new_step)
+            # (G, D) hard negatives, kept in float32 for the term (see m2mix_softmax_term)
+            mixed = mix_unit_rows(all_image, all_text, lam, out_dtype=compute_dtype(all_image.dtype))
+            scale = logit_scale if self.m2mix_temperature is None else 1.0 / self.m2mix_temperature
+            losses["m2mix_loss"] = self.m2mix_weight * factor * m2mix_softmax_term(
+                image_rows, text_rows, mixed, scale, labels)
+
+        uni_scale = logit_scale if self.unimix_temperature is None else 1.0 / self.unimix_temperature
+        for name, mix_image, mix_text in (("vmix", True, False), ("lmix", False, True), ("vlmix", True, True)):
+            weight = getattr(self, f"{name}_weight")
+            if weight <= 0:
+                continue
+            lam = self._step_lambda(name, self.unimix_alpha, mix_lambda, new_step)
+            pair = self._step_pairing(name, num_global, new_step)  # (G,) on the CPU, an involution
+            pair_d = pair.to(device, non_blocking=True)
+            own_partners = pair_d[start:start + num_rows]
+            # Columns mix the global batch; rows mix this rank's anchors (which carry the gradient
+            # with local_loss) with their partners from the global batch.
+            image_cols = mix_unit_rows(all_image, all_image[pair_d], lam) if mix_image else all_image
+            text_cols = mix_unit_rows(all_text, all_text[pair_d], lam) if mix_text else all_text
+            if local_rows:
+                image_anchor = mix_unit_rows(image_rows, all_image[own_partners], lam) if mix_image else image_rows
+                text_anchor = mix_unit_rows(text_rows, all_text[own_partners], lam) if mix_text else text_rows
+            else:
+                image_anchor, text_anchor = image_cols, text_cols
+            if name == "vlmix":  # i and pair(i) are both positives, each counting fully, as the reference
+                mixed_rows, _ = mix_target_rows(pair, start, num_rows, 0.5, all_image.dtype, device)
+                targets_image, targets_text = 2 * mixed_rows, 2 * mixed_rows
+            else:
+                mixed_rows, plain_rows = mix_target_rows(pair, start, num_rows, lam, all_image.dtype, device)
+                # V-Mix: mixed images against plain captions (and back); L-Mix: the other way round.
+                targets_image, targets_text = (mixed_rows, plain_rows) if mix_image else (plain_rows, mixed_rows)
+            losses[f"{name}_loss"] = weight * factor * unimodal_mix_term(
+                image_anchor, text_anchor, image_cols, text_cols, targets_image, targets_text, uni_scale)
+
+        total = sum(losses.values())
+        self._count_nonfinite(total, new_step)
+        if output_dict:
+            return losses
+        return total

@@ -1,0 +1,192 @@
+"""State shared by every loss of the m²-Mix family: the lambda generator, the epoch schedule,
+one draw per optimizer step, the count of non-finite steps, and what the trainer logs.
+
+The maths lives in :mod:`.terms`; this module holds what changes from step to step. Nothing
+here synchronises with the device inside ``forward``: lambdas and pairings come from a CPU
+``torch.Generator``, the non-finite count stays on the device until :meth:`logged_scalars`
+(called by the trainer at its logging steps only) reads it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+
+from ..mixup import UNIT_NORM_TOLERANCE, sample_beta
+from .terms import pair_partners
+
+__all__ = ["MixingStateMixin", "MIX_SCHEDULES", "MIX_PAIRINGS", "check_weight", "check_alpha",
+           "check_temperature"]
+
+MIX_SCHEDULES = ("inverse-epoch", "constant")
+MIX_PAIRINGS = ("reverse", "random")
+
+
+def check_weight(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def check_alpha(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0 (the Beta(a, a) parameter), got {value!r}")
+    return value
+
+
+def check_temperature(name: str, value: Optional[float]) -> Optional[float]:
+    if value is None:
+        return None
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be > 0 (or None for the model's logit_scale), got {value!r}")
+    return value
+
+
+class MixingStateMixin:
+    """Mixin for an ``nn.Module`` loss of the m²-Mix family (put it before the OpenCLIP loss
+    class in the bases). Call :meth:`_init_mixing` in ``__init__``; in ``forward``, call
+    :meth:`_begin_call` once, then :meth:`_step_lambda` / :meth:`_step_pairing` per term, and
+    :meth:`_count_nonfinite` with the total.
+
+    The plugin protocol's optional methods are here: :meth:`set_epoch`, ``state_dict()`` (the
+    generator, epoch, draws of the current step and the non-finite count, as ``_extra_state``)
+    and :meth:`logged_scalars`.
+    """
+
+    def _init_mixing(self, mix_schedule: str, mix_pairing: str, seed: int, calls_per_step: int) -> None:
+        if mix_schedule not in MIX_SCHEDULES:
+            raise ValueError(f"unknown mix_schedule {mix_schedule!r}; choose one of {list(MIX_SCHEDULES)}")
+        if mix_pairing not in MIX_PAIRINGS:
+            raise ValueError(f"unknown mix_pairing {mix_pairing!r}; choose one of {list(MIX_PAIRINGS)}")
+        if int(calls_per_step) != calls_per_step or calls_per_step < 1:
+            raise ValueError(f"calls_per_step must be an integer >= 1 (--accum-freq), got {calls_per_step!r}")
+        self.mix_schedule = mix_schedule
+        self.mix_pairing = mix_pairing
+        self.seed = int(seed)
+        self.calls_per_step = int(calls_per_step)
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(self.seed)
+        self.epoch = 0
+        self._phase = 0  # calls made in the current optimizer step, modulo calls_per_step
+        self._step_lambdas: Dict[str, float] = {}
+        self._step_pairings: Dict[str, torch.Tensor] = {}
+        self._nonfinite_steps: Optional[torch.Tensor] = None  # on the device, read only when logged
+        self._nonfinite_restored = 0
+        self._inputs_checked = False
+        self.last_lambdas: Dict[str, float] = {}
+        self.last_pairings: Dict[str, torch.Tensor] = {}
+
+    # -- the plugin protocol -----------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch (counted from 0) that the ``inverse-epoch`` schedule uses; a new epoch
+        also starts a new optimizer step."""
+        if int(epoch) != epoch or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        self.epoch = int(epoch)
+        self._phase = 0
+
+    @property
+    def schedule_factor(self) -> float:
+        return 1.0 / (self.epoch + 1) if self.mix_schedule == "inverse-epoch" else 1.0
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Optimizer steps whose loss was NaN or Inf (reads the device: call it at logging steps)."""
+        counted = 0 if self._nonfinite_steps is None else int(self._nonfinite_steps.item())
+        return self._nonfinite_restored + counted
+
+    def logged_scalars(self) -> Dict[str, float]:
+        """What the trainer logs at its logging steps (as ``train/<key>``): each enabled term's
+        lambda of the last step, the schedule factor, and the running count of non-finite steps
+        (which a GradScaler skips). The one place that reads the device."""
+        scalars = {f"{term}_lambda": lam for term, lam in self.last_lambdas.items()}
+        scalars["mix_schedule_factor"] = self.schedule_factor
+        scalars["nonfinite_steps"] = float(self.nonfinite_steps)
+        return scalars
+
+    def get_extra_state(self):
+        meta = self._nonfinite_steps is not None and self._nonfinite_steps.device.type == "meta"
+        return {
+            "generator_state": self.generator.get_state(), "epoch": self.epoch, "seed": self.seed,
+            "phase": self._phase, "step_lambdas": dict(self._step_lambdas),
+            "step_pairings": {k: v.clone() for k, v in self._step_pairings.items()},
+            "nonfinite_steps": self._nonfinite_restored if meta else self.nonfinite_steps,
+        }
+
+    def set_extra_state(self, state):
+        self.generator.set_state(state["generator_state"])
+        self.epoch = int(state["epoch"])
+        self.seed = int(state["seed"])
+        # Keys added after 0.1.0 (older loss states resume at a step boundary, counting from 0).
+        self._phase = int(state.get("phase", 0))
+        self._step_lambdas = dict(state.get("step_lambdas", {}))
+        self._step_pairings = dict(state.get("step_pairings", {}))
+        self._nonfinite_restored = int(state.get("nonfinite_steps", 0))
+        self._nonfinite_steps = None
+
+    # -- per call ------------------------------------------------------------------------------
+    def _begin_call(self) -> bool:
+        """Counts a call; True when it starts a new optimizer step (with --accum-freq N the loss is
+        called N times per step, each with the whole accumulated batch)."""
+        new_step = self._phase == 0
+        self._phase = (self._phase + 1) % self.calls_per_step
+        if new_step:
+            self.last_lambdas = {}
+            self.last_pairings = {}
+        return new_step
+
+    def _step_lambda(self, term: str, alpha: float, pinned: Optional[float], new_step: bool) -> float:
+        """The term's lambda for this optimizer step: drawn at its first call, reused after."""
+        if pinned is not None:
+            lam = float(pinned)
+        elif new_step or term not in self._step_lambdas:
+            lam = sample_beta(alpha, alpha, self.generator)
+            self._step_lambdas[term] = lam
+        else:
+            lam = self._step_lambdas[term]
+        self.last_lambdas[term] = lam
+        return lam
+
+    def _step_pairing(self, term: str, num: int, new_step: bool) -> torch.Tensor:
+        """(num,) partners on the CPU for this optimizer step (see ``terms.pair_partners``)."""
+        pair = self._step_pairings.get(term)
+        if new_step or pair is None or pair.shape[0] != num:
+            pair = pair_partners(num, self.mix_pairing, self.generator)
+            self._step_pairings[term] = pair
+        self.last_pairings[term] = pair
+        return pair
+
+    def _count_nonfinite(self, total: torch.Tensor, new_step: bool) -> None:
+        """Adds 1 on the device when this step's loss is not finite; no sync."""
+        if not new_step:
+            return
+        flag = (~torch.isfinite(total.detach())).to(torch.int64)
+        if self._nonfinite_steps is None or self._nonfinite_steps.device != flag.device:
+            self._nonfinite_steps = flag
+        else:
+            self._nonfinite_steps = self._nonfinite_steps + flag
+
+    def _check_unit_rows_once(self, *features: torch.Tensor) -> None:
+        """At the first call only: geodesic mixing needs unit vectors; unnormalised features are
+        a wiring mistake, reported before training goes on. Called on the gathered global batch,
+        so every rank reaches the same verdict (no rank raises alone). Non-finite rows are left
+        to behave as in ClipLoss (a non-finite loss), and meta tensors carry no data to check."""
+        if self._inputs_checked:
+            return
+        self._inputs_checked = True
+        if any(f.device.type == "meta" for f in features):
+            return
+        off = torch.stack([
+            ((f.detach().float().norm(dim=1) - 1).abs().nan_to_num(0.0, 0.0, 0.0) > UNIT_NORM_TOLERANCE).any()
+            for f in features
+        ]).any()
+        if bool(off):  # the one device sync, at the first call
+            raise ValueError(
+                "geodesic mixing needs unit-norm features (a CLIP model's outputs are); "
+                "normalise them first, e.g. torch.nn.functional.normalize(x, dim=-1)"
+            )

@@ -1,0 +1,219 @@
+r"""The terms of the m²-Mix loss family, as pure functions: tensors in, a scalar out.
+
+Each function is one formula (written in its docstring); the loss classes hold the state
+(weights, lambda generator, epoch) and the wiring (gathering across processes, which rows a
+rank owns). Nothing here synchronises with the device or raises on data: non-finite inputs
+give a non-finite result, as in OpenCLIP's own losses.
+
+Notation: ``R`` rows (anchors) held by this process, ``G`` columns (the global batch), ``D``
+the embedding dimension; ``x`` images, ``y`` captions, unit vectors.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..mixup import compute_dtype, no_autocast
+
+__all__ = [
+    "soft_cross_entropy",
+    "cross_entropy_with_positive",
+    "clip_contrastive_term",
+    "m2mix_softmax_term",
+    "mix_target_rows",
+    "unimodal_mix_term",
+    "pair_partners",
+]
+
+Scale = Union[float, torch.Tensor]
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    r"""Mean over rows of :math:`-\sum_j t_{ij} \log \mathrm{softmax}(l_i)_j`.
+
+    ``targets`` rows are weights over the columns; they sum to 1 (2 for VL-Mix, whose two
+    positives each count fully, as in the reference implementation).
+    """
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+class _CrossEntropyWithPositive(torch.autograd.Function):
+    """Mean over rows of cross-entropy, where ``logits[i, target[i]]`` is replaced by ``positive[i]``.
+
+    Equal to ``F.cross_entropy(logits.scatter(1, target[:, None], positive[:, None]), target)``,
+    with fewer (M, G) buffers and passes: the softmax is kept from the forward pass, and the
+    gradient is made from it in one pass, with no scatter copy or one-hot buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, positive, target):
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        dtype = compute_dtype(logits.dtype)
+        work = logits.detach().to(dtype, copy=True)  # (M, G)
+        pos = positive.detach().to(dtype)
+        work[rows, target] = pos
+        lse = torch.logsumexp(work, dim=1)  # (M,)
+        loss = (lse - pos).mean()
+        work.sub_(lse[:, None]).exp_()  # softmax, in place
+        ctx.save_for_backward(work, target)
+        ctx.dtypes = (logits.dtype, positive.dtype)
+        return loss.to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, target = ctx.saved_tensors
+        rows = torch.arange(softmax.shape[0], device=softmax.device)
+        scale = grad_loss.to(softmax.dtype) / softmax.shape[0]
+        grad = softmax * scale  # d loss / d logits = softmax / M (the saved softmax stays intact)
+        grad_positive = grad[rows, target] - scale  # (softmax - 1) / M at the replaced entries
+        grad[rows, target] = 0.0  # the replaced logits do not reach the loss
+        return grad.to(ctx.dtypes[0]), grad_positive.to(ctx.dtypes[1]), None
+
+
+def cross_entropy_with_positive(logits: torch.Tensor, positive: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    r"""Mean over rows ``i`` of :math:`\log\big(e^{p_i} + \sum_{j \ne t_i} e^{l_{ij}}\big) - p_i`.
+
+    Cross-entropy against column ``target[i]`` whose logit is ``positive[i]`` instead of
+    ``logits[i, target[i]]``. Args: logits (M, G), positive (M,), target (M,) column indices.
+    """
+    return _CrossEntropyWithPositive.apply(logits, positive, target)
+
+
+def clip_contrastive_term(image_rows: torch.Tensor, text_rows: torch.Tensor,
+                          all_image: torch.Tensor, all_text: torch.Tensor,
+                          logit_scale: Scale, labels: torch.Tensor,
+                          logit_bias: Optional[torch.Tensor] = None, rows_are_global: bool = True) -> torch.Tensor:
+    r"""OpenCLIP's ``ClipLoss`` value:
+    :math:`\tfrac12\big[\mathrm{CE}(s\,X_r Y^\top + b, \ell) + \mathrm{CE}(s\,Y_r X^\top + b, \ell)\big]`.
+
+    Where the rows are the whole global batch (``rows_are_global``: one process, or several
+    without ``local_loss``) one (G, G) product serves both directions, as ``ClipLoss`` itself
+    does across processes; in one process ``ClipLoss`` computes ``y @ x.T`` separately, which
+    differs only by float rounding.
+    """
+    if rows_are_global:
+        logits_per_image = logit_scale * all_image @ all_text.T  # (G, G)
+        logits_per_text = logits_per_image.T
+    else:
+        logits_per_image = logit_scale * image_rows @ all_text.T  # (R, G)
+        logits_per_text = logit_scale * text_rows @ all_image.T  # (R, G)
+    if logit_bias is not None:
+        logits_per_image = logits_per_image + logit_bias
+        logits_per_text = logits_per_text + logit_bias
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def m2mix_softmax_term(image_rows: torch.Tensor, text_rows: torch.Tensor, mixed: torch.Tensor,
+                       scale: Scale, labels: torch.Tensor) -> torch.Tensor:
+    r"""The m²-Mix term: geodesic mixes of the other pairs as hard negatives.
+
+    With :math:`m_j = \mathrm{slerp}(x_j, y_j, \lambda)` and :math:`s = 1/\tau`,
+
+    .. math::
+        \mathcal{L} = \frac{1}{2R}\sum_{i} \Big[
+            -\log\frac{e^{s\langle x_i, y_i\rangle}}{e^{s\langle x_i, y_i\rangle} + \sum_{j\ne i} e^{s\langle x_i, m_j\rangle}}
+            -\log\frac{e^{s\langle y_i, x_i\rangle}}{e^{s\langle y_i, x_i\rangle} + \sum_{j\ne i} e^{s\langle y_i, m_j\rangle}}
+        \Big]
+
+    (the reference implementation sums the two directions; the mean here matches ``ClipLoss``).
+    Computed in float32 (float64 for float64 inputs) with autocast off, so that the positive
+    :math:`\langle x_i, y_i\rangle` and the negatives :math:`\langle x_i, m_j\rangle` have the
+    same precision: under bf16 autocast a bf16 matmul for the negatives beside a float32
+    positive would bias the term.
+
+    Args:
+        image_rows, text_rows: (R, D) anchors owned by this process.
+        mixed: (G, D) the mixes of the global batch.
+        scale: 1 / temperature, a float or a scalar tensor (the model's ``logit_scale``).
+        labels: (R,) the column of each anchor's own pair in the global batch.
+    """
+    dtype = compute_dtype(image_rows.dtype)
+    with no_autocast(image_rows.device):
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(dtype)
+        # Both directions in one (2R, G) product: rows 0..R-1 anchored on images, R..2R-1 on
+        # texts. Scaling the (2R, D) anchors rather than the logits saves a pass over R x G.
+        anchors = scale * torch.cat([image_rows, text_rows]).to(dtype)  # (2R, D)
+        own = image_rows.shape[0]
+        positive = (anchors[:own] * text_rows.to(dtype)).sum(dim=1)  # (R,): s <x_i, y_i>
+        logits = anchors @ mixed.to(dtype).T  # (2R, G)
+        return cross_entropy_with_positive(logits, positive.repeat(2), labels.repeat(2))
+
+
+def pair_partners(num: int, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """(num,) partner of each sample for the uni-modal mixes; always an involution.
+
+    ``"reverse"``: i with num-1-i (the reference). ``"random"``: a uniformly random perfect
+    matching drawn from ``generator`` (every sample paired with a partner that is paired back;
+    with an odd ``num`` one sample is its own partner and its mix is itself). Being an
+    involution, each mixed image i and mixed caption pair(i) hold the same two samples, which
+    is what makes VL-Mix's two positives well-defined.
+    """
+    if kind == "reverse":
+        return torch.arange(num - 1, -1, -1)
+    if kind != "random":
+        raise ValueError(f"unknown pairing {kind!r}; choose 'reverse' or 'random'")
+    order = torch.randperm(num, generator=generator)
+    half = num // 2
+    first, second = order[:half], order[half:2 * half]
+    pair = torch.arange(num)  # a leftover sample (odd num) stays its own partner
+    pair[first] = second
+    pair[second] = first
+    return pair
+
+
+def mix_target_rows(pair: torch.Tensor, start: int, count: int, lam: float, dtype, device):
+    r"""Rows ``start .. start+count-1`` of the soft targets of mixed samples against plain ones,
+    :math:`P = \lambda I + (1-\lambda)\Pi` with :math:`\Pi_{i,\mathrm{pair}(i)} = 1`, and of :math:`P^\top`.
+
+    Row i of :math:`P` says what the mix :math:`\mathrm{slerp}(u_i, u_{\mathrm{pair}(i)}, \lambda)`
+    holds (the targets of a mixed anchor against plain columns); row j of :math:`P^\top` says
+    which mixes hold plain sample j: itself with :math:`\lambda`, and the mix i with
+    :math:`\mathrm{pair}(i) = j`, i.e. :math:`i = \mathrm{pair}^{-1}(j)`, with :math:`1-\lambda`
+    (the targets of a plain anchor against mixed columns). Correct for any permutation; the two
+    agree for an involution. Only (count, G) buffers, never (G, G).
+
+    Args:
+        pair: (G,) partner of each global sample, a permutation, on the CPU.
+    Returns:
+        (P_rows, PT_rows), each (count, G) on ``device``.
+    """
+    num = pair.shape[0]
+    inverse = torch.empty_like(pair)
+    inverse[pair] = torch.arange(num)
+    # Only the (count,) partners travel to the device (a small copy, no sync); the rows are built there.
+    own = torch.arange(start, start + count)
+    own_d = own.to(device, non_blocking=True)
+    index = torch.arange(count, device=device)
+
+    def rows(partner):
+        out = torch.zeros(count, num, dtype=dtype, device=device)
+        out[index, own_d] = lam
+        # accumulate: a sample paired with itself gets lam + (1 - lam)
+        out.index_put_((index, partner[own].to(device, non_blocking=True)),
+                       torch.full((count,), 1 - lam, dtype=dtype, device=device), accumulate=True)
+        return out
+
+    return rows(pair), rows(inverse)
+
+
+def unimodal_mix_term(image_anchor: torch.Tensor, text_anchor: torch.Tensor,
+                      image_cols: torch.Tensor, text_cols: torch.Tensor,
+                      targets_image_rows: torch.Tensor, targets_text_rows: torch.Tensor,
+                      scale: Scale) -> torch.Tensor:
+    r"""V-Mix, L-Mix or VL-Mix: the CLIP loss with soft targets,
+    :math:`\tfrac12\big[\mathrm{CE}_{soft}(s\,X_a T^\top, P_x) + \mathrm{CE}_{soft}(s\,T_a X^\top, P_t)\big]`,
+    where some of the images and/or captions are mixes within their modality.
+
+    Args:
+        image_anchor, text_anchor: (R, D) this process's anchors (mixed where the term mixes them).
+        image_cols, text_cols: (G, D) the global batch (mixed likewise).
+        targets_image_rows, targets_text_rows: (R, G) soft targets of the two directions.
+        scale: 1 / temperature.
+    """
+    logits_i = scale * image_anchor @ text_cols.T  # (R, G)
+    logits_t = scale * text_anchor @ image_cols.T  # (R, G)
+    return (soft_cross_entropy(logits_i, targets_image_rows) + soft_cross_entropy(logits_t, targets_text_rows)) / 2
