@@ -1,0 +1,127 @@
+"""The ``zeroshot`` evaluation hook: zero-shot accuracy and calibration on the user's own
+labelled (shifted) sets at every OpenCLIP evaluation.
+
+    m2mix-train ... --val-data test.csv \\
+        --zeroshot-data clean=test.csv --zeroshot-data rot=test-rotate.csv \\
+        --zeroshot-classnames names.txt --zeroshot-templates "a photo of the number {c}"
+
+gives ``clean-zeroshot-top1``, ``clean-zeroshot-top5`` (at least 5 classes),
+``clean-zeroshot-ece``, ``rot-zeroshot-top1``, ... in the console, ``results.jsonl``,
+tensorboard and wandb, beside OpenCLIP's own figures. The sets are read and checked when the
+arguments are parsed, before the model is built; the class-text classifier is built once per
+evaluation, images go through the model in batches of ``--batch-size``, under the run's
+``--precision``. The maths is :mod:`m2mix_openclip.zeroshot`, shared with ``m2mix-analyze``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..zeroshot import (LabelledSet, load_labelled_set, parse_class_names, parse_templates,
+                        zero_shot_classifier, zero_shot_logits, zero_shot_scores)
+
+_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+_loaded: Dict[Tuple[str, str], LabelledSet] = {}  # kept out of args: OpenCLIP writes args to params.txt
+
+
+def _named_set(text: str) -> Tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"expected NAME=PATH (e.g. rot=test-rotate.csv), got {text!r}")
+    if not _NAME.match(name):
+        raise ValueError(f"set name {name!r} may hold only letters, digits, '_' and '.'")
+    return name, path
+
+
+_named_set.__name__ = "NAME=PATH"  # argparse shows this name in its type errors
+
+
+def add_arguments(parser) -> None:
+    group = parser.add_argument_group("zero-shot robustness at every evaluation (m2mix-openclip)")
+    group.add_argument("--zeroshot-data", type=_named_set, action="append", default=None, metavar="NAME=PATH",
+                       help="A labelled set classified zero-shot at every evaluation: a CSV with an image column "
+                            "(--csv-img-key) and a label column (--zeroshot-label-key), or webdataset shards with "
+                            ".cls members (brace patterns allowed). Repeatable; gives NAME-zeroshot-top1, "
+                            "NAME-zeroshot-top5 and NAME-zeroshot-ece.")
+    group.add_argument("--zeroshot-classnames", default=None, metavar="FILE_OR_LIST",
+                       help="Class names for --zeroshot-data: a file with one per line, or a comma list.")
+    group.add_argument("--zeroshot-templates", default="a photo of a {c}.", metavar="FILE_OR_LIST",
+                       help="Prompt templates with {c} for the class name: a file, one per line, or a "
+                            "';'-separated list. Default: 'a photo of a {c}.'")
+    group.add_argument("--zeroshot-label-key", default="label",
+                       help="CSV column of integer labels in --zeroshot-data sets. Default: label.")
+
+
+def validate(args) -> Optional[str]:
+    """Reads and checks every set before training; an error message naming the set, or None."""
+    sets = getattr(args, "zeroshot_data", None)
+    if not sets:
+        return None
+    names = [name for name, _ in sets]
+    duplicate = sorted({n for n in names if names.count(n) > 1})
+    if duplicate:
+        return f"--zeroshot-data names must be unique; {duplicate} appear twice"
+    if not (getattr(args, "val_data", None) or getattr(args, "imagenet_val", None)
+            or getattr(args, "imagenet_v2", None)):
+        return ("--zeroshot-data is measured at OpenCLIP's evaluations, which run only with --val-data "
+                "(or --imagenet-val); add --val-data")
+    if args.zeroshot_classnames is None:
+        return "--zeroshot-data needs --zeroshot-classnames (a file with one name per line, or a comma list)"
+    try:
+        classes = parse_class_names(args.zeroshot_classnames)
+        parse_templates(args.zeroshot_templates)
+        for name, path in sets:
+            _loaded[(name, path)] = load_labelled_set(
+                name, path, len(classes), img_key=args.csv_img_key, label_key=args.zeroshot_label_key,
+                sep=args.csv_separator)
+    except ValueError as e:
+        return f"--zeroshot-data: {e}"
+    return None
+
+
+def _precision(args, device: torch.device):
+    """(autocast context factory, input dtype) for the run's --precision, as OpenCLIP evaluates."""
+    precision = args.precision
+    if precision in ("amp", "amp_bf16", "amp_bfloat16") and device.type != "meta":
+        dtype = torch.bfloat16 if precision != "amp" or device.type == "cpu" else torch.float16
+        return (lambda: torch.autocast(device.type, dtype=dtype)), None
+    input_dtype = {"bf16": torch.bfloat16, "pure_bf16": torch.bfloat16,
+                   "fp16": torch.float16, "pure_fp16": torch.float16}.get(precision)
+    return contextlib.nullcontext, input_dtype
+
+
+@torch.no_grad()
+def zeroshot_metrics(model, tokenizer, preprocess, epoch: int, args) -> Dict[str, float]:
+    """The hook: ``NAME-zeroshot-top1`` / ``-top5`` / ``-ece`` for every ``--zeroshot-data`` set."""
+    sets = getattr(args, "zeroshot_data", None)
+    if not sets:
+        return {}
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    device = torch.device(args.device)
+    autocast, input_dtype = _precision(args, device)
+    was_training = model.training
+    model.eval()
+    classes = parse_class_names(args.zeroshot_classnames)
+    classifier = zero_shot_classifier(model, tokenizer, classes, parse_templates(args.zeroshot_templates),
+                                      device, autocast)  # once per evaluation
+    scale = float(model.logit_scale.exp())
+    out: Dict[str, float] = {}
+    for name, path in sets:
+        labelled = _loaded.get((name, path)) or load_labelled_set(
+            name, path, len(classes), args.csv_img_key, args.zeroshot_label_key, args.csv_separator)
+        similarity = zero_shot_logits(model, preprocess, labelled.images, classifier, args.batch_size,
+                                      device, autocast, input_dtype)
+        for key, value in zero_shot_scores(similarity, labelled.labels, scale).items():
+            out[f"{name}-zeroshot-{key}"] = value
+    model.train(was_training)
+    return out
+
+
+def metric_names(args) -> List[str]:
+    """The keys the hook will return for ``args`` (for clash checks before training)."""
+    sets = getattr(args, "zeroshot_data", None) or []
+    return [f"{name}-zeroshot-{k}" for name, _ in sets for k in ("top1", "top5", "ece")]
