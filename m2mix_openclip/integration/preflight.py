@@ -1,0 +1,158 @@
+"""Checks of a training command before OpenCLIP builds the model, and clear errors during it.
+
+Each failure is one line that names the file or flag and the fix; ``m2mix-train`` prints it
+and exits with 2, without a traceback. What can only be found while training (an image that a
+CSV row names but that is missing) raises :class:`MissingImageError` with the file and line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import os
+from typing import Optional
+
+__all__ = ["PreflightError", "MissingImageError", "check_args", "report_missing_images", "one_line"]
+
+CONTRASTIVE_LOSSES = ("clip", "m2mix")
+
+
+class PreflightError(ValueError):
+    """A training command that cannot work; the message is one line naming the flag and the fix."""
+
+
+class MissingImageError(FileNotFoundError):
+    """An image named by a CSV row is missing (raised while loading that sample)."""
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path or path.startswith("pipe:")
+
+
+def _dataset_kind(path: str, dataset_type: str) -> str:
+    if dataset_type != "auto":
+        return dataset_type
+    ext = path.rsplit(".", 1)[-1]
+    return {"csv": "csv", "tsv": "csv", "tar": "webdataset"}.get(ext, "unknown")
+
+
+def _sniff_separator(header: str) -> Optional[str]:
+    counts = {sep: header.count(sep) for sep in ("\t", ",", ";", "|")}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else None
+
+
+def _check_csv(flag: str, path: str, args) -> None:
+    if not os.path.isfile(path):
+        raise PreflightError(f"{flag} {path}: file not found")
+    try:
+        with open(path, newline="") as f:
+            header = f.readline().rstrip("\r\n")
+            f.seek(0)
+            reader = csv.DictReader(f, delimiter=args.csv_separator)
+            columns = reader.fieldnames or []
+            first = next(reader, None)
+    except (OSError, UnicodeDecodeError) as e:
+        raise PreflightError(f"{flag} {path}: cannot be read ({e})") from None
+    wanted = [args.csv_img_key, args.csv_caption_key]
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        seen = _sniff_separator(header)
+        hint = ""
+        if seen is not None and seen != args.csv_separator:
+            hint = f"; the file looks {'tab' if seen == chr(9) else repr(seen)}-separated: pass --csv-separator {seen!r}"
+        raise PreflightError(
+            f"{flag} {path}: no column {missing[0]!r} with separator {args.csv_separator!r} "
+            f"(columns found: {columns}){hint}; or set --csv-img-key / --csv-caption-key")
+    if first is None:
+        raise PreflightError(f"{flag} {path}: the CSV holds a header and no rows")
+    image = first[args.csv_img_key]
+    if not os.path.isfile(image):
+        relative = "" if os.path.isabs(image) else f" (relative paths are read from the current directory, {os.getcwd()})"
+        raise PreflightError(f"{flag} {path}: line 2 names image {image!r}, which does not exist{relative}")
+
+
+def _check_shards(flag: str, spec: str) -> None:
+    import braceexpand
+    for pattern in spec.split("::"):  # OpenCLIP's separator for several sources
+        if _is_remote(pattern):
+            continue
+        paths = list(braceexpand.braceexpand(pattern))
+        missing = [p for p in paths if not glob.glob(p)]
+        if missing:
+            example = missing[0]
+            raise PreflightError(
+                f"{flag} {pattern}: {len(missing)} of {len(paths)} shard(s) not found, e.g. {example}"
+                + ("" if "{" in pattern or len(paths) > 1 else "; use a brace pattern such as 'shard-{000000..000009}.tar'"))
+
+
+def _check_data(flag: str, spec: Optional[str], args) -> None:
+    if not spec or args.dataset_type == "synthetic" or _is_remote(spec):
+        return
+    kind = _dataset_kind(spec.split("::")[0], args.dataset_type)
+    if kind == "csv":
+        _check_csv(flag, spec, args)
+    elif kind == "webdataset":
+        _check_shards(flag, spec)
+    else:
+        raise PreflightError(
+            f"{flag} {spec}: cannot tell the dataset type from the extension; name a .csv/.tsv file or .tar "
+            "shards, or pass --dataset-type csv|webdataset")
+
+
+def _world_size() -> int:
+    for key in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        value = os.environ.get(key)
+        if value and value.isdigit():
+            return int(value)
+    return 1
+
+
+def check_args(args, loss_name: Optional[str] = None) -> None:
+    """Raises :class:`PreflightError` for data that cannot be read or a batch too small to train on."""
+    _check_data("--train-data", getattr(args, "train_data", None), args)
+    _check_data("--val-data", getattr(args, "val_data", None), args)
+    loss_name = loss_name or getattr(args, "loss", "clip")
+    if getattr(args, "train_data", None) and loss_name in CONTRASTIVE_LOSSES:
+        global_batch = args.batch_size * _world_size()
+        if global_batch < 2:
+            raise PreflightError(
+                f"--batch-size {args.batch_size} on {_world_size()} process(es) gives a global batch of "
+                f"{global_batch} pair(s); a contrastive loss needs at least 2 to have a negative: raise --batch-size")
+
+
+@contextlib.contextmanager
+def report_missing_images(dataset_class):
+    """Within the context, ``dataset_class`` (OpenCLIP's ``CsvDataset``) remembers its file and
+    raises :class:`MissingImageError` naming the file, line and image for a missing image."""
+    original_init, original_getitem = dataset_class.__init__, dataset_class.__getitem__
+
+    def __init__(self, input_filename, *args, **kwargs):
+        original_init(self, input_filename, *args, **kwargs)
+        self._m2mix_source = input_filename
+
+    def __getitem__(self, idx):
+        try:
+            return original_getitem(self, idx)
+        except FileNotFoundError:
+            source = getattr(self, "_m2mix_source", "the CSV")
+            raise MissingImageError(
+                f"{source} line {idx + 2}: image {str(self.images[idx])!r} not found") from None
+
+    dataset_class.__init__, dataset_class.__getitem__ = __init__, __getitem__
+    try:
+        yield
+    finally:
+        dataset_class.__init__, dataset_class.__getitem__ = original_init, original_getitem
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` as one line: DataLoader workers re-raise an error with the
+    worker's traceback text in its message, whose last line is the original error."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    last = lines[-1]
+    name = type(error).__name__ + ": "
+    return last.split(name, 1)[1] if name in last else last
