@@ -1,0 +1,38 @@
+"""Quiet output: torch's exit statistics and the tools' random-init warning."""
+
+import logging
+import subprocess
+import sys
+
+from m2mix_openclip.integration.quiet import no_random_init_warning, quiet_torch_loggers
+
+
+def test_random_init_warning_is_dropped_only_inside_the_context(tmp_path, caplog):
+    import open_clip
+    from m2mix_openclip.demo import write_local_model
+    model = write_local_model(str(tmp_path / "m"))
+    with caplog.at_level(logging.INFO):
+        with no_random_init_warning():
+            open_clip.create_model(model)
+        assert "initialized randomly" not in caplog.text
+        open_clip.create_model(model)
+        assert "initialized randomly" in caplog.text
+
+
+def test_torch_exit_statistics_are_not_printed():
+    code = ("import logging, torch\n"
+            "logging.basicConfig(level=logging.INFO)\n"
+            "for n in list(logging.root.manager.loggerDict): logging.getLogger(n).setLevel(logging.INFO)\n"
+            "torch.compile(lambda x: x + 1, backend='eager')(torch.ones(2))\n"
+            "{quiet}\n")
+    loud = subprocess.run([sys.executable, "-c", code.format(quiet="")], capture_output=True, text=True)
+    assert "TorchDynamo" in loud.stderr or "FakeTensor" in loud.stderr  # what we silence does appear
+    quiet = subprocess.run([sys.executable, "-c", code.format(
+        quiet="from m2mix_openclip.integration.quiet import quiet_torch_loggers; quiet_torch_loggers()")],
+        capture_output=True, text=True)
+    assert quiet.returncode == 0
+    assert "TorchDynamo" not in quiet.stderr and "FakeTensor" not in quiet.stderr
+    logging.getLogger("torch").setLevel(logging.NOTSET)
+    quiet_torch_loggers()
+    assert logging.getLogger("torch._dynamo").getEffectiveLevel() >= logging.WARNING
+    logging.getLogger("torch").setLevel(logging.NOTSET)
