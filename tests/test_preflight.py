@@ -94,3 +94,13 @@ def test_one_line_of_a_worker_error():
     wrapped = MissingImageError("Caught MissingImageError in DataLoader worker process 0.\nOriginal Traceback:\n"
                                 "  File x\nm2mix.MissingImageError: t.csv line 3: image 'b.png' not found\n")
     assert one_line(wrapped) == "t.csv line 3: image 'b.png' not found"
+
+
+def test_a_mistyped_flag_gets_the_nearest_known_one():
+    from m2mix_openclip.integration.suggest import suggest_flags
+    known = ["--m2mix-weight", "--m2mix-alpha", "--vmix-weight", "--batch-size", "-h"]
+    assert suggest_flags("unrecognized arguments: --m2mix-wieght 0.1", known) == \
+        "unrecognized arguments: --m2mix-wieght (did you mean --m2mix-weight?)"
+    assert suggest_flags("unrecognized arguments: --batch=3 --zzz", known) == \
+        "unrecognized arguments: --batch (did you mean --batch-size?), --zzz"
+    assert suggest_flags("argument --lr: invalid float value", known) is None
