@@ -171,10 +171,11 @@ class MixingStateMixin:
         else:
             self._nonfinite_steps = self._nonfinite_steps + flag
 
-    def _check_unit_rows_once(self, *features: torch.Tensor) -> None:
+    def _check_unit_rows_once(self, *features: torch.Tensor, agree_across_ranks: bool = False) -> None:
         """At the first call only: geodesic mixing needs unit vectors; unnormalised features are
         a wiring mistake, reported before training goes on. Called on the gathered global batch,
-        so every rank reaches the same verdict (no rank raises alone). Non-finite rows are left
+        so every rank reaches the same verdict (no rank raises alone); a loss that never gathers
+        (SigLIP) passes ``agree_across_ranks`` to share the verdict by an all-reduce. Non-finite rows are left
         to behave as in ClipLoss (a non-finite loss), and meta tensors carry no data to check."""
         if self._inputs_checked:
             return
@@ -185,6 +186,9 @@ class MixingStateMixin:
             ((f.detach().float().norm(dim=1) - 1).abs().nan_to_num(0.0, 0.0, 0.0) > UNIT_NORM_TOLERANCE).any()
             for f in features
         ]).any()
+        if agree_across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+            off = off.to(torch.int32)
+            torch.distributed.all_reduce(off, op=torch.distributed.ReduceOp.MAX)
         if bool(off):  # the one device sync, at the first call
             raise ValueError(
                 "geodesic mixing needs unit-norm features (a CLIP model's outputs are); "
