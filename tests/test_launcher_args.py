@@ -24,9 +24,11 @@ def test_registry_lists_and_rejects():
 
 @pytest.mark.parametrize("argv,message", [
     (["--loss", "m3mix"], "unknown loss 'm3mix'; registered losses"),
-    (["--loss", "m2mix", "--siglip"], "cannot be combined with --siglip"),
-    (["--loss", "m2mix", "--distill-model", "ViT-B-32", "--distill-pretrained", "openai"], "distillation"),
-    (["--loss", "m2mix", "--model", "coca_ViT-B-32"], "CoCa"),
+    (["--loss", "m2mix", "--siglip", "--vmix-weight", "0.1"],
+     "--vmix-weight cannot be combined with --siglip: V-Mix, L-Mix and VL-Mix are soft-target softmax terms"),
+    (["--loss", "m2mix", "--siglip", "--lmix-weight", "0.1", "--vlmix-weight", "0.1"],
+     "--lmix-weight, --vlmix-weight cannot be combined with --siglip"),
+    (["--loss", "m2mix", "--siglip", "--horovod"], "does not support --horovod"),
     (["--loss", "m2mix", "--m2mix-weight", "-1"], "--m2mix-weight: must be a finite number >= 0"),
     (["--loss", "m2mix", "--m2mix-alpha", "0"], "--m2mix-alpha: must be a finite number > 0"),
     (["--loss", "m2mix", "--m2mix-temperature", "0"], "--m2mix-temperature"),
