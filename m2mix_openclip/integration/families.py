@@ -47,6 +47,8 @@ def validate_family(args) -> Optional[str]:
 def build_m2mix_loss(args, **mixing):
     """The m²-Mix loss of the run's family; ``mixing``: the mixing keywords of ``M2MixLoss``."""
     family = loss_family(args)
+    # With --accum-freq N OpenCLIP calls the loss N times per optimizer step: one lambda per step.
+    mixing.setdefault("calls_per_step", getattr(args, "accum_freq", 1))
     if family == "siglip":
         return M2MixSigLipLoss(rank=args.rank, world_size=args.world_size, dist_impl=args.loss_dist_impl, **mixing)
     softmax_args = dict(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
