@@ -6,7 +6,7 @@ neighbour-exchange functions that carry chunks between processes with their grad
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.distributed.nn  # noqa: F401  (all_reduce / all_gather with gradients)
@@ -136,9 +136,12 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
         scale = 1.0 / self.m2mix_temperature
         return scale, (-scale if self.m2mix_bias is None else self.m2mix_bias)
 
-    def _chunks_of_other_ranks(self, payload: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Every other process's ``payload`` (with gradients), one chunk each, in the order
-        that ``SigLipLoss`` visits them for its ``dist_impl``."""
+    def _chunks_of_other_ranks(self, payload: torch.Tensor) -> Iterator[Tuple[torch.Tensor, float]]:
+        """``(chunk, factor)``: every other process's ``payload`` (with gradients), in the order
+        that ``SigLipLoss`` visits them for its ``dist_impl``; the caller multiplies what it
+        computes from a chunk by ``factor``. ``reduce`` and ``gather`` also yield this process's
+        own chunk with factor 0, as ``SigLipLoss`` does: every process must use every
+        collective's output, so that every process runs every collective of the backward pass."""
         world, rank = self.world_size, self.rank
         right, left = (rank + 1) % world, (rank - 1 + world) % world
         if self.dist_impl == "bidir":
@@ -146,25 +149,22 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
             rounds, remainder = divmod(world - 1, 2)
             for _ in range(rounds):
                 from_right, from_left = neighbour_exchange_bidir_with_grad(left, right, to_left, to_right)
-                yield from_right
-                yield from_left
+                yield from_right, 1.0
+                yield from_left, 1.0
                 to_left, to_right = from_right, from_left
             if remainder:
-                yield neighbour_exchange_with_grad(left, right, to_right)
+                yield neighbour_exchange_with_grad(left, right, to_right), 1.0
         elif self.dist_impl == "shift":
             to_right = payload
             for _ in range(world - 1):
                 to_right = neighbour_exchange_with_grad(left, right, to_right)
-                yield to_right
+                yield to_right, 1.0
         elif self.dist_impl == "reduce":
-            for i in range(world):  # every process takes part in every all-reduce
-                chunk = torch.distributed.nn.all_reduce(payload * (rank == i), torch.distributed.ReduceOp.SUM)
-                if i != rank:
-                    yield chunk
+            for i in range(world):
+                yield torch.distributed.nn.all_reduce(payload * (rank == i), torch.distributed.ReduceOp.SUM), float(i != rank)
         elif self.dist_impl == "gather":
             for i, chunk in enumerate(torch.distributed.nn.all_gather(payload)):
-                if i != rank:
-                    yield chunk
+                yield chunk, float(i != rank)
         else:
             raise ValueError(f"unknown dist_impl {self.dist_impl!r}")
 
@@ -203,12 +203,12 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
             # One tensor travels: the captions, and (when mixing) the mixes below them, (2B, D).
             dtype = torch.promote_types(text_features.dtype, mixed.dtype) if mixing else text_features.dtype
             payload = torch.cat([text_features.to(dtype), mixed.to(dtype)]) if mixing else text_features
-            for chunk in self._chunks_of_other_ranks(payload):
+            for chunk, factor in self._chunks_of_other_ranks(payload):
                 text_chunk = chunk[:num_rows].to(text_features.dtype)
-                contrastive = contrastive + self._loss(
+                contrastive = contrastive + factor * self._loss(
                     image_features, text_chunk, logit_scale, logit_bias, negative_only=True)
                 if mixing:
-                    mix = mix + m2mix_sigmoid_term(
+                    mix = mix + factor * m2mix_sigmoid_term(
                         image_features, text_features, chunk[num_rows:], scale, bias, False, normaliser)
 
         losses = {"contrastive_loss": contrastive}
