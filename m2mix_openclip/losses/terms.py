@@ -177,32 +177,36 @@ def m2mix_sigmoid_term(image_rows: torch.Tensor, text_rows: torch.Tensor, mixed:
             bias = bias.to(dtype)
         anchors = scale * torch.cat([image_rows, text_rows]).to(dtype)  # (2R, D), scaled once
         mixed = mixed.to(dtype)
-        total = _SoftplusSum.apply(anchors @ mixed.T, bias)  # over the (2R, C) logits
+        total = _SoftplusOfLogitsSum.apply(anchors, mixed, bias)
         if exclude_own:  # the own pair's mix is not a negative: take its 2R logits back out
             own = (anchors * mixed.repeat(2, 1)).sum(dim=1)  # (2R,): s <x_i, m_i>, s <y_i, m_i>
             total = total - F.softplus(own + bias).sum()
         return total / normaliser
 
 
-class _SoftplusSum(torch.autograd.Function):
-    """``softplus(logits + bias).sum()`` keeping one (M, C) buffer: the forward pass turns its
-    copy of the logits into ``sigmoid(logits + bias)`` in place, which is the gradient."""
+class _SoftplusOfLogitsSum(torch.autograd.Function):
+    """``softplus(anchors @ mixed.T + bias).sum()`` with one (M, C) buffer: the forward pass
+    turns the logits into ``sigmoid(logits)`` in place, which is the gradient of the sum with
+    respect to them; the backward pass makes the two products from it."""
 
     @staticmethod
-    def forward(ctx, logits, bias):
-        work = logits.detach() + bias  # (M, C), the only buffer
-        total = F.softplus(work).sum()  # linear above 20: off by < 2e-9 there
+    def forward(ctx, anchors, mixed, bias):
+        work = anchors @ mixed.T  # (M, C)
+        work.add_(bias)
+        total = F.softplus(work).sum()  # torch's softplus goes linear above 20: off by < 2e-9 there
         work.sigmoid_()
-        ctx.save_for_backward(work)
+        ctx.save_for_backward(anchors, mixed, work)
         ctx.bias_shape = bias.shape if isinstance(bias, torch.Tensor) else None
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        (sig,) = ctx.saved_tensors
-        grad = sig * grad_total  # d softplus(z) / dz = sigmoid(z)
+        anchors, mixed, sig = ctx.saved_tensors
+        grad = sig * grad_total  # d softplus(z) / dz = sigmoid(z), (M, C)
+        grad_anchors = grad @ mixed if ctx.needs_input_grad[0] else None
+        grad_mixed = grad.T @ anchors if ctx.needs_input_grad[1] else None
         grad_bias = None if ctx.bias_shape is None else grad.sum().reshape(ctx.bias_shape)
-        return grad, grad_bias
+        return grad_anchors, grad_mixed, grad_bias
 
 
 def pair_partners(num: int, kind: str, generator: torch.Generator) -> torch.Tensor:
