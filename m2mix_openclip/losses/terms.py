@@ -201,11 +201,11 @@ class _SoftplusOfLogitsSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        anchors, mixed, sig = ctx.saved_tensors
-        grad = sig * grad_total  # d softplus(z) / dz = sigmoid(z), (M, C)
-        grad_anchors = grad @ mixed if ctx.needs_input_grad[0] else None
-        grad_mixed = grad.T @ anchors if ctx.needs_input_grad[1] else None
-        grad_bias = None if ctx.bias_shape is None else grad.sum().reshape(ctx.bias_shape)
+        anchors, mixed, sig = ctx.saved_tensors  # d softplus(z) / dz = sigmoid(z), (M, C)
+        # The scalar grad_total scales the (M, D) and (C, D) products, not the (M, C) matrix.
+        grad_anchors = (sig @ mixed) * grad_total if ctx.needs_input_grad[0] else None
+        grad_mixed = (sig.T @ anchors) * grad_total if ctx.needs_input_grad[1] else None
+        grad_bias = None if ctx.bias_shape is None else (sig.sum() * grad_total).reshape(ctx.bias_shape)
         return grad_anchors, grad_mixed, grad_bias
 
 
