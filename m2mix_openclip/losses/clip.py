@@ -13,7 +13,7 @@ import torch
 from open_clip.loss import ClipLoss, gather_features
 
 from ..mixup import compute_dtype, mix_unit_rows
-from .mixing import MixingStateMixin, check_alpha, check_temperature, check_weight
+from .mixing import MixingStateMixin
 from .terms import clip_contrastive_term, m2mix_softmax_term, mix_target_rows, unimodal_mix_term
 
 __all__ = ["M2MixLoss", "SoftmaxMixingMixin", "BatchRows"]
@@ -39,31 +39,6 @@ class SoftmaxMixingMixin(MixingStateMixin):
     ``get_ground_truth``); see :class:`M2MixLoss` for the terms and arguments."""
 
     TERMS = ("m2mix", "vmix", "lmix", "vlmix")
-
-    def _init_softmax_mixing(
-            self,
-            m2mix_weight: float = 0.02,
-            m2mix_alpha: float = 0.5,
-            m2mix_temperature: Optional[float] = 0.07,
-            vmix_weight: float = 0.0,
-            lmix_weight: float = 0.0,
-            vlmix_weight: float = 0.0,
-            unimix_alpha: float = 0.5,
-            unimix_temperature: Optional[float] = None,
-            mix_pairing: str = "reverse",
-            mix_schedule: str = "inverse-epoch",
-            seed: int = 0,
-            calls_per_step: int = 1,
-    ) -> None:
-        self.m2mix_weight = check_weight("m2mix_weight", m2mix_weight)
-        self.vmix_weight = check_weight("vmix_weight", vmix_weight)
-        self.lmix_weight = check_weight("lmix_weight", lmix_weight)
-        self.vlmix_weight = check_weight("vlmix_weight", vlmix_weight)
-        self.m2mix_alpha = check_alpha("m2mix_alpha", m2mix_alpha)
-        self.unimix_alpha = check_alpha("unimix_alpha", unimix_alpha)
-        self.m2mix_temperature = check_temperature("m2mix_temperature", m2mix_temperature)
-        self.unimix_temperature = check_temperature("unimix_temperature", unimix_temperature)
-        self._init_mixing(mix_schedule, mix_pairing, seed, calls_per_step)
 
     @property
     def enabled_terms(self):
@@ -229,41 +204,12 @@ class M2MixLoss(SoftmaxMixingMixin, ClipLoss):
         ['contrastive_loss', 'm2mix_loss']
     """
 
-    def __init__(
-            self,
-            local_loss: bool = False,
-            gather_with_grad: bool = False,
-            cache_labels: bool = False,
-            rank: int = 0,
-            world_size: int = 1,
-            use_horovod: bool = False,
-            m2mix_weight: float = 0.02,
-            m2mix_alpha: float = 0.5,
-            m2mix_temperature: Optional[float] = 0.07,
-            vmix_weight: float = 0.0,
-            lmix_weight: float = 0.0,
-            vlmix_weight: float = 0.0,
-            unimix_alpha: float = 0.5,
-            unimix_temperature: Optional[float] = None,
-            mix_pairing: str = "reverse",
-            mix_schedule: str = "inverse-epoch",
-            seed: int = 0,
-            calls_per_step: int = 1,
-    ):
-        super().__init__(
-            local_loss=local_loss,
-            gather_with_grad=gather_with_grad,
-            cache_labels=cache_labels,
-            rank=rank,
-            world_size=world_size,
-            use_horovod=use_horovod,
-        )
-        self._init_softmax_mixing(
-            m2mix_weight=m2mix_weight, m2mix_alpha=m2mix_alpha, m2mix_temperature=m2mix_temperature,
-            vmix_weight=vmix_weight, lmix_weight=lmix_weight, vlmix_weight=vlmix_weight,
-            unimix_alpha=unimix_alpha, unimix_temperature=unimix_temperature, mix_pairing=mix_pairing,
-            mix_schedule=mix_schedule, seed=seed, calls_per_step=calls_per_step,
-        )
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, **mixing):
+        """``ClipLoss``'s arguments, then the mixing keywords listed under Attributes."""
+        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
+                         rank=rank, world_size=world_size, use_horovod=use_horovod)
+        self._init_mixing_options(**mixing)
 
     def forward(
             self,

@@ -42,7 +42,7 @@ class M2MixCoCaLoss(SoftmaxMixingMixin, CoCaLoss):
         super().__init__(caption_loss_weight=caption_loss_weight, clip_loss_weight=clip_loss_weight, pad_id=pad_id,
                          local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
                          rank=rank, world_size=world_size, use_horovod=use_horovod)
-        self._init_softmax_mixing(**mixing)
+        self._init_mixing_options(**mixing)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logits: torch.Tensor,
                 labels: torch.Tensor, logit_scale: torch.Tensor, output_dict: bool = False,

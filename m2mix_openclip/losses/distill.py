@@ -35,7 +35,7 @@ class M2MixDistillLoss(SoftmaxMixingMixin, DistillClipLoss):
                  use_horovod=False, **mixing):
         super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
                          rank=rank, world_size=world_size, use_horovod=use_horovod)
-        self._init_softmax_mixing(**mixing)
+        self._init_mixing_options(**mixing)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 dist_image_features: torch.Tensor, dist_text_features: torch.Tensor,

@@ -58,6 +58,33 @@ class MixingStateMixin:
     and :meth:`logged_scalars`.
     """
 
+    def _init_mixing_options(
+            self,
+            m2mix_weight: float = 0.02,
+            m2mix_alpha: float = 0.5,
+            m2mix_temperature: Optional[float] = 0.07,
+            vmix_weight: float = 0.0,
+            lmix_weight: float = 0.0,
+            vlmix_weight: float = 0.0,
+            unimix_alpha: float = 0.5,
+            unimix_temperature: Optional[float] = None,
+            mix_pairing: str = "reverse",
+            mix_schedule: str = "inverse-epoch",
+            seed: int = 0,
+            calls_per_step: int = 1,
+    ) -> None:
+        """Checks and stores the mixing options every family takes (defaults and meanings in
+        ``M2MixLoss``'s docstring), then calls :meth:`_init_mixing`."""
+        self.m2mix_weight = check_weight("m2mix_weight", m2mix_weight)
+        self.vmix_weight = check_weight("vmix_weight", vmix_weight)
+        self.lmix_weight = check_weight("lmix_weight", lmix_weight)
+        self.vlmix_weight = check_weight("vlmix_weight", vlmix_weight)
+        self.m2mix_alpha = check_alpha("m2mix_alpha", m2mix_alpha)
+        self.unimix_alpha = check_alpha("unimix_alpha", unimix_alpha)
+        self.m2mix_temperature = check_temperature("m2mix_temperature", m2mix_temperature)
+        self.unimix_temperature = check_temperature("unimix_temperature", unimix_temperature)
+        self._init_mixing(mix_schedule, mix_pairing, seed, calls_per_step)
+
     def _init_mixing(self, mix_schedule: str, mix_pairing: str, seed: int, calls_per_step: int) -> None:
         if mix_schedule not in MIX_SCHEDULES:
             raise ValueError(f"unknown mix_schedule {mix_schedule!r}; choose one of {list(MIX_SCHEDULES)}")

@@ -13,7 +13,7 @@ import torch.distributed.nn  # noqa: F401  (all_reduce / all_gather with gradien
 from open_clip.loss import SigLipLoss, neighbour_exchange_bidir_with_grad, neighbour_exchange_with_grad
 
 from ..mixup import compute_dtype, mix_unit_rows
-from .mixing import MixingStateMixin, check_alpha, check_temperature, check_weight
+from .mixing import MixingStateMixin
 from .terms import m2mix_sigmoid_term
 
 __all__ = ["M2MixSigLipLoss", "SIGLIP_UNIMODAL_REASON"]
@@ -86,35 +86,13 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
         ['contrastive_loss', 'm2mix_loss']
     """
 
-    def __init__(
-            self,
-            cache_labels: bool = False,
-            rank: int = 0,
-            world_size: int = 1,
-            dist_impl: Optional[str] = None,
-            m2mix_weight: float = 0.02,
-            m2mix_alpha: float = 0.5,
-            m2mix_temperature: Optional[float] = 0.07,
-            m2mix_bias: Optional[float] = None,
-            vmix_weight: float = 0.0,
-            lmix_weight: float = 0.0,
-            vlmix_weight: float = 0.0,
-            unimix_alpha: float = 0.5,
-            unimix_temperature: Optional[float] = None,
-            mix_pairing: str = "reverse",
-            mix_schedule: str = "inverse-epoch",
-            seed: int = 0,
-            calls_per_step: int = 1,
-    ):
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 dist_impl: Optional[str] = None, m2mix_bias: Optional[float] = None, **mixing):
         super().__init__(cache_labels=cache_labels, rank=rank, world_size=world_size, dist_impl=dist_impl)
-        for name, value in (("vmix_weight", vmix_weight), ("lmix_weight", lmix_weight), ("vlmix_weight", vlmix_weight)):
-            if check_weight(name, value) > 0:
+        self._init_mixing_options(**mixing)
+        for name in ("vmix_weight", "lmix_weight", "vlmix_weight"):
+            if getattr(self, name) > 0:
                 raise ValueError(f"M2MixSigLipLoss: {name} must be 0: {SIGLIP_UNIMODAL_REASON}")
-        check_alpha("unimix_alpha", unimix_alpha)
-        check_temperature("unimix_temperature", unimix_temperature)
-        self.m2mix_weight = check_weight("m2mix_weight", m2mix_weight)
-        self.m2mix_alpha = check_alpha("m2mix_alpha", m2mix_alpha)
-        self.m2mix_temperature = check_temperature("m2mix_temperature", m2mix_temperature)
         if m2mix_bias is not None:
             if self.m2mix_temperature is None:
                 raise ValueError("m2mix_bias fixes the bias of a fixed m2mix_temperature; with "
@@ -123,8 +101,6 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
             if m2mix_bias != m2mix_bias or abs(m2mix_bias) == float("inf"):
                 raise ValueError(f"m2mix_bias must be a finite number, got {m2mix_bias!r}")
         self.m2mix_bias = m2mix_bias
-        self.vmix_weight = self.lmix_weight = self.vlmix_weight = 0.0
-        self._init_mixing(mix_schedule, mix_pairing, seed, calls_per_step)
 
     @property
     def enabled_terms(self):
