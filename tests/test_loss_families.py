@@ -2,7 +2,6 @@
 
 import math
 import os
-import socket
 from argparse import Namespace
 
 import pytest
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from open_clip.loss import CoCaLoss, DistillClipLoss, SigLipLoss
 
 import reference as ref
+from test_distributed import _free_port
 from m2mix_openclip import M2MixCoCaLoss, M2MixDistillLoss, M2MixLoss, M2MixSigLipLoss
 from m2mix_openclip.integration.families import build_m2mix_loss, loss_family, validate_family
 
@@ -315,12 +315,6 @@ def _worker(rank, world, port, out_dir):
         results[(impl, "off")] = (off.item(), theirs.item())
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-processes", "3-processes"])
