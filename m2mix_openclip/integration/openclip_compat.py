@@ -84,22 +84,23 @@ def _where(module_name: str) -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(spec.origin))) if spec and spec.origin else "?"
 
 
-def _unsupported(reason: str) -> UnsupportedOpenCLIP:
+def _unsupported(reason: str, version: Optional[str] = None) -> UnsupportedOpenCLIP:
     return UnsupportedOpenCLIP(
-        f"OpenCLIP (open_clip_torch) {openclip_version()} at {_where('open_clip')}: {reason}; "
+        f"OpenCLIP (open_clip_torch) {version or openclip_version()} at {_where('open_clip')}: {reason}; "
         f"m2mix-train supports open_clip_torch {SUPPORTED_RANGE} "
         f"(pip install 'open_clip_torch{SUPPORTED_RANGE}')")
 
 
 def check_version(version: Optional[str] = None) -> None:
     """Raises :class:`UnsupportedOpenCLIP` for a release outside :data:`SUPPORTED_RANGE`."""
-    numbers = _version_tuple(openclip_version() if version is None else version)
+    version = openclip_version() if version is None else version
+    numbers = _version_tuple(version)
     if not numbers:
-        raise _unsupported(f"version {version!r} is not a release number")
+        raise _unsupported("not a release number", version)
     if numbers < _OLDEST:
-        raise _unsupported("this release is older than the oldest supported one")
+        raise _unsupported("older than the oldest supported release", version)
     if numbers >= _FIRST_UNSUPPORTED:
-        raise _unsupported("its trainer (task API, no create_loss / train_one_epoch) is not supported yet")
+        raise _unsupported("its trainer (task API, no create_loss / train_one_epoch) is not supported yet", version)
 
 
 def _beside_open_clip(package: str) -> bool:
@@ -179,6 +180,20 @@ def has_flag(option: str) -> bool:
     return option in trainer_flags()
 
 
+def device_arguments(device: str) -> Tuple[List[str], dict]:
+    """(trainer flags, environment variables) that run the trainer on ``device``: ``--device
+    DEVICE`` where the trainer has the flag (2.28 on); before, it takes cuda when it sees a GPU,
+    so the CPU is reached by hiding the GPUs, and a given GPU cannot be chosen."""
+    if has_flag("--device"):
+        return ["--device", device], {}
+    if device == "cpu":
+        return [], {"CUDA_VISIBLE_DEVICES": ""}
+    if device == "cuda":
+        return [], {}
+    raise _unsupported(f"its trainer has no --device flag (2.28 on), so --device {device} cannot be chosen; "
+                       "it runs on cuda when a GPU is visible, else on the CPU")
+
+
 def loss_takes_logit_bias() -> bool:
     """Whether ``open_clip.loss.ClipLoss.forward`` takes ``logit_bias`` (2.32 on)."""
     from open_clip.loss import ClipLoss
@@ -208,6 +223,17 @@ def resume_loads_own_checkpoints() -> bool:
     scheduler = importlib.import_module(f"{require_trainer().package}.scheduler")
     numpy_lrs = hasattr(scheduler, "np")
     return not (numpy_lrs and _version_tuple(torch.__version__) >= (2, 6))
+
+
+def numpy_scalars_allowed():
+    """A context in which ``torch.load(..., weights_only=True)`` also reads numpy float scalars,
+    which the trainers before 2.30 store as learning rates in their checkpoints' optimizer state.
+    Only the scalar constructor and float dtypes are allowed, no other code."""
+    import numpy as np
+    import torch
+    core = getattr(np, "_core", None) or np.core
+    return torch.serialization.safe_globals(
+        [core.multiarray.scalar, np.dtype] + [type(np.dtype(t)) for t in (np.float64, np.float32)])
 
 
 def model_name(name: str) -> str:
