@@ -123,7 +123,10 @@ def _is_openclip_trainer(package: str) -> bool:
     main = importlib.import_module(f"{package}.main")
     train = importlib.import_module(f"{package}.train")
     params = importlib.import_module(f"{package}.params")
-    return (getattr(main, "create_loss", None) is getattr(open_clip, "create_loss", object())
+    plugins = getattr(main, "plugins", None)  # one of patches/ builds the loss there
+    builds_loss = (getattr(main, "create_loss", None) is getattr(open_clip, "create_loss", object())
+                   or callable(getattr(plugins, "create_loss", None)))
+    return (builds_loss
             and getattr(main, "train_one_epoch", None) is getattr(train, "train_one_epoch", object())
             and getattr(main, "parse_args", None) is getattr(params, "parse_args", object())
             and callable(getattr(main, "pt_load", None)) and callable(getattr(train, "get_clip_metrics", None))
