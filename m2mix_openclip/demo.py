@@ -22,6 +22,7 @@ import time
 import torch
 
 from .data import CLASS_NAMES, SHIFTS, ZERO_SHOT_TEMPLATES, write_dataset
+from .integration import openclip_compat
 from .evaluation import class_text_features, encode, evaluate_features, load_pairs, load_model, zero_shot_metrics
 from .plots import plot_cosine_histograms, plot_metric_bars, plot_sphere_projection
 
@@ -36,7 +37,16 @@ TINY_MODEL = {
 
 
 def write_local_model(folder: str, config: dict = TINY_MODEL) -> str:
-    """Writes an OpenCLIP ``open_clip_config.json`` into ``folder``; returns ``local-dir:folder``."""
+    """Writes an OpenCLIP ``open_clip_config.json`` into ``folder``; returns ``local-dir:folder``.
+
+    The text context length is raised to what the installed tokenizer gives where the tokenizer
+    ignores the model's own (OpenCLIP 2.20 always gives 77 tokens). Before OpenCLIP 3.0, which
+    has no ``local-dir:``, the launcher and ``evaluation.load_model`` register the folder's config
+    in-process (``openclip_compat.model_name``)."""
+    text_cfg = config["model_cfg"]["text_cfg"]
+    context = openclip_compat.tokenizer_context_length(text_cfg["context_length"])
+    if context != text_cfg["context_length"]:
+        config = {**config, "model_cfg": {**config["model_cfg"], "text_cfg": {**text_cfg, "context_length": context}}}
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
         json.dump(config, f)
@@ -54,12 +64,13 @@ SUMMARY_KEYS = [
 
 def _train(name, args, out, model_name, epochs, extra, log):
     """Runs OpenCLIP's trainer through the launcher; returns the last checkpoint's path."""
+    device, device_env = openclip_compat.device_arguments(args.device)  # no --device before OpenCLIP 2.28
     cmd = [sys.executable, "-m", "m2mix_openclip.train", "--epochs", str(epochs),
-           "--model", model_name, "--precision", "fp32", "--device", args.device,
+           "--model", model_name, "--precision", "fp32", *device,
            "--workers", "0", "--logs", os.path.join(out, "logs"), "--name", name, "--seed", str(args.seed),
            "--report-to", "", "--log-every-n-steps", "5", "--save-frequency", "0",
            "--csv-img-key", "filepath", "--csv-caption-key", "title", *extra]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **device_env)
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
@@ -71,7 +82,8 @@ def _train(name, args, out, model_name, epochs, extra, log):
 
 def _bare_state(checkpoint, path):
     """A model-only state dict: OpenCLIP then fine-tunes from it with a fresh optimizer at epoch 0."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    with openclip_compat.numpy_scalars_allowed():  # the learning rates in checkpoints of OpenCLIP < 2.30
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     torch.save({k.removeprefix("module."): v for k, v in state.items()}, path)
     return path
 
@@ -179,6 +191,10 @@ def main(argv=None):
     if args.fast:
         args.limit = args.limit or 96
         args.pretrain_epochs, args.finetune_epochs, args.batch_size = 2, 2, 32
+    try:  # a supported OpenCLIP whose trainer can run on --device, before any work
+        openclip_compat.device_arguments(args.device)
+    except openclip_compat.UnsupportedOpenCLIP as e:
+        parser.exit(2, f"m2mix-demo: error: {e}\n")
     run_demo(args)
     return 0
 

@@ -64,12 +64,15 @@ def load_model(model_name: str, checkpoint: Optional[str] = None, pretrained: Op
     import open_clip
     if model_name.startswith("local-dir:") and pretrained:
         raise ValueError("OpenCLIP ignores --pretrained for local-dir: models; pass --checkpoint instead")
+    from .integration.openclip_compat import model_name as supported_model_name, numpy_scalars_allowed
+    model_name = supported_model_name(model_name)  # local-dir: before OpenCLIP 3.0 too
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
     if checkpoint is not None:
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
         try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            with numpy_scalars_allowed():  # the learning rates in checkpoints of OpenCLIP < 2.30
+                state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated files, pickles with code, other formats
             raise ValueError(f"cannot read checkpoint {checkpoint} as a PyTorch state dict "
                              f"(weights_only=True): {type(e).__name__}: {e}") from e

@@ -28,7 +28,7 @@ from typing import List, Optional
 
 import torch
 
-from . import registry
+from . import openclip_compat, registry
 
 LOSS_STATE_TEMPLATE = "loss_state_epoch_{epoch}.pth"  # not *.pt: OpenCLIP's --resume latest globs *.pt
 
@@ -201,24 +201,26 @@ def _argparse_shim():
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
     """Parses a training command line exactly as ``main`` would, without training."""
-    import open_clip_train.params as oc_params
+    oc_params = openclip_compat.require_trainer().params
     with _swapped((oc_params, "argparse", _argparse_shim())):
-        return oc_params.parse_args(list(argv))
+        return oc_params.parse_args(openclip_compat.translate_model_argument(argv))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``m2mix-train [OpenCLIP flags] --loss NAME [loss flags]``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    import importlib.util
-
-    import open_clip_train.main as oc_main
-    if importlib.util.find_spec("open_clip_train.plugins") is not None:
-        # OpenCLIP carries patches/open_clip_v3.3.0-loss-plugins.patch: it has --loss, the plugin
-        # groups, loss-state checkpoints and CPU DDP itself. Run it as it is.
+    try:  # the trainer of any supported OpenCLIP (open_clip_train, or training before 2.26)
+        trainer = openclip_compat.require_trainer()
+        argv = openclip_compat.translate_model_argument(argv)  # local-dir: before OpenCLIP 3.0 too
+    except (openclip_compat.UnsupportedOpenCLIP, OSError, ValueError) as e:
+        print(f"m2mix-train: error: {e}", file=sys.stderr)
+        return 2
+    oc_main, oc_params, oc_train = trainer.main, trainer.params, trainer.train
+    if trainer.plugins_patch_applied:
+        # OpenCLIP carries one of patches/: it has --loss, the plugin groups, loss-state
+        # checkpoints and CPU DDP itself. Run it as it is.
         status = oc_main.main(argv)
         return 1 if status == -1 else 0
-    import open_clip_train.params as oc_params
-    import open_clip_train.train as oc_train
 
     run = _RunState()
     original_parse_args = oc_params.parse_args

@@ -1,0 +1,289 @@
+"""The one place that knows how OpenCLIP releases differ (open_clip_torch 2.20 to 3.x).
+
+Every other module asks this one, never a version number. Differences between the supported
+releases, found by looking at the installed code (signatures, argparse actions, attributes)
+wherever that is possible:
+
+- the trainer package: ``open_clip_train`` from 2.26.1 on; the 2.20-2.24 wheels (and clones,
+  run from ``src/``) ship it as a top-level package named ``training``. Whichever is used must sit
+  beside the imported ``open_clip`` and be OpenCLIP's trainer (its ``main`` binds
+  ``open_clip.create_loss`` and its own ``train.train_one_epoch``), not an unrelated ``training``;
+- the trainer's flags (``--device`` from 2.28, ``--loss-dist-impl`` from 2.30): read from the
+  parser that ``params.parse_args`` builds;
+- ``logit_bias`` in ``ClipLoss.forward`` (2.32 on);
+- ``local-dir:PATH`` model names (3.0 on): older releases get the folder's config registered
+  in-process (``open_clip.add_model_config``) under a plain name;
+- the tokenizer's context length: 2.20 always gives 77 tokens, whatever the model's config says;
+- ``--resume`` of the trainer's own checkpoints before 2.30 with torch >= 2.6: the scheduler
+  stores numpy learning rates, which ``torch.load``'s ``weights_only`` default then refuses
+  (OpenCLIP's bug, fixed upstream in 2.30).
+
+Below 2.20, from 4.0 on (OpenCLIP's main branch drops ``use_horovod`` and ``create_loss``), or
+with a trainer that cannot be recognised, :func:`require_trainer` raises
+:class:`UnsupportedOpenCLIP` with one line naming the installed version and the supported range.
+Importing this module, or the loss, needs no trainer at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import re
+import tempfile
+import types
+from dataclasses import dataclass
+from typing import FrozenSet, List, Optional, Sequence, Tuple
+
+SUPPORTED_RANGE = ">=2.20,<4"
+_OLDEST = (2, 20)
+_FIRST_UNSUPPORTED = (4,)
+TRAINER_PACKAGES = ("open_clip_train", "training")  # newest layout first
+LOCAL_DIR = "local-dir:"
+DEFAULT_CONTEXT_LENGTH = 77
+
+
+class UnsupportedOpenCLIP(RuntimeError):
+    """The installed OpenCLIP cannot run ``m2mix-train``; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """OpenCLIP's trainer as installed: the package name and its three modules the launcher wraps."""
+
+    package: str
+    main: types.ModuleType
+    params: types.ModuleType
+    train: types.ModuleType
+
+    @property
+    def plugins_patch_applied(self) -> bool:
+        """True when OpenCLIP carries one of ``patches/`` (it then has ``--loss`` itself)."""
+        return importlib.util.find_spec(f"{self.package}.plugins") is not None
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    """Leading release numbers of a version string: ``"4.2.0.dev0"`` -> ``(4, 2, 0)``."""
+    match = re.match(r"\d+(\.\d+)*", version.strip())
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
+
+
+def openclip_version() -> str:
+    """The version of the ``open_clip`` that Python imports (which may be a clone, not the installed wheel)."""
+    from open_clip.version import __version__
+    return __version__
+
+
+def _where(module_name: str) -> str:
+    spec = importlib.util.find_spec(module_name)
+    return os.path.dirname(os.path.dirname(os.path.abspath(spec.origin))) if spec and spec.origin else "?"
+
+
+def _unsupported(reason: str, version: Optional[str] = None) -> UnsupportedOpenCLIP:
+    return UnsupportedOpenCLIP(
+        f"OpenCLIP (open_clip_torch) {version or openclip_version()} at {_where('open_clip')}: {reason}; "
+        f"m2mix-train supports open_clip_torch {SUPPORTED_RANGE} "
+        f"(pip install 'open_clip_torch{SUPPORTED_RANGE}')")
+
+
+def check_version(version: Optional[str] = None) -> None:
+    """Raises :class:`UnsupportedOpenCLIP` for a release outside :data:`SUPPORTED_RANGE`."""
+    version = openclip_version() if version is None else version
+    numbers = _version_tuple(version)
+    if not numbers:
+        raise _unsupported("not a release number", version)
+    if numbers < _OLDEST:
+        raise _unsupported("older than the oldest supported release", version)
+    if numbers >= _FIRST_UNSUPPORTED:
+        raise _unsupported("its trainer (task API, no create_loss / train_one_epoch) is not supported yet", version)
+
+
+def _beside_open_clip(package: str) -> bool:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:  # absent, or a namespace folder: not a trainer package
+        return False
+    return _where(package) == _where("open_clip")
+
+
+def _is_openclip_trainer(package: str) -> bool:
+    """The package's ``main`` is OpenCLIP's: it binds ``open_clip.create_loss`` and its own
+    ``train_one_epoch``, ``parse_args`` and ``pt_load``, the names the launcher swaps."""
+    folder = os.path.dirname(importlib.util.find_spec(package).origin)
+    if not all(os.path.isfile(os.path.join(folder, f"{m}.py")) for m in ("main", "params", "train", "file_utils")):
+        return False
+    with open(os.path.join(folder, "main.py"), encoding="utf-8") as f:
+        if "open_clip" not in f.read():  # an unrelated package named `training`: do not import it
+            return False
+    import open_clip
+    main = importlib.import_module(f"{package}.main")
+    train = importlib.import_module(f"{package}.train")
+    params = importlib.import_module(f"{package}.params")
+    plugins = getattr(main, "plugins", None)  # one of patches/ builds the loss there
+    builds_loss = (getattr(main, "create_loss", None) is getattr(open_clip, "create_loss", object())
+                   or callable(getattr(plugins, "create_loss", None)))
+    return (builds_loss
+            and getattr(main, "train_one_epoch", None) is getattr(train, "train_one_epoch", object())
+            and getattr(main, "parse_args", None) is getattr(params, "parse_args", object())
+            and callable(getattr(main, "pt_load", None)) and callable(getattr(train, "get_clip_metrics", None))
+            and getattr(params, "argparse", None) is argparse)
+
+
+@functools.lru_cache(maxsize=None)
+def require_trainer() -> Trainer:
+    """OpenCLIP's trainer beside the imported ``open_clip``, or :class:`UnsupportedOpenCLIP`."""
+    check_version()
+    beside = [p for p in TRAINER_PACKAGES if _beside_open_clip(p)]
+    if not beside:
+        found = [f"{p} at {_where(p)}" for p in TRAINER_PACKAGES if importlib.util.find_spec(p) is not None]
+        raise _unsupported("no trainer package (open_clip_train, or training before 2.26) beside it"
+                           + (f" (found {', '.join(found)}, from another OpenCLIP)" if found else ""))
+    package = beside[0]
+    if not _is_openclip_trainer(package):
+        raise _unsupported(f"the trainer package {package!r} beside it is not a recognised OpenCLIP trainer")
+    return Trainer(package, importlib.import_module(f"{package}.main"),
+                   importlib.import_module(f"{package}.params"), importlib.import_module(f"{package}.train"))
+
+
+class _ParserCaptured(Exception):
+    def __init__(self, parser):
+        super().__init__("parser captured")
+        self.parser = parser
+
+
+@functools.lru_cache(maxsize=None)
+def trainer_flags() -> FrozenSet[str]:
+    """Every option string of the installed trainer's parser (``--device``, ``--loss-dist-impl``, ...)."""
+    params = require_trainer().params
+
+    class Capturing(argparse.ArgumentParser):
+        def parse_args(self, args=None, namespace=None):
+            raise _ParserCaptured(self)
+
+    shim = types.ModuleType("argparse")
+    shim.__dict__.update(argparse.__dict__)
+    shim.ArgumentParser = Capturing
+    saved = params.argparse
+    params.argparse = shim
+    try:
+        params.parse_args([])
+    except _ParserCaptured as captured:
+        return frozenset(captured.parser._option_string_actions)
+    finally:
+        params.argparse = saved
+    raise _unsupported("its params.parse_args does not build an argparse parser")
+
+
+def has_flag(option: str) -> bool:
+    """Whether the installed trainer takes ``option`` (e.g. ``"--device"``)."""
+    return option in trainer_flags()
+
+
+def device_arguments(device: str) -> Tuple[List[str], dict]:
+    """(trainer flags, environment variables) that run the trainer on ``device``: ``--device
+    DEVICE`` where the trainer has the flag (2.28 on); before, it takes cuda when it sees a GPU,
+    so the CPU is reached by hiding the GPUs, and a given GPU cannot be chosen."""
+    if has_flag("--device"):
+        return ["--device", device], {}
+    if device == "cpu":
+        return [], {"CUDA_VISIBLE_DEVICES": ""}
+    if device == "cuda":
+        return [], {}
+    raise _unsupported(f"its trainer has no --device flag (2.28 on), so --device {device} cannot be chosen; "
+                       "it runs on cuda when a GPU is visible, else on the CPU")
+
+
+def loss_takes_logit_bias() -> bool:
+    """Whether ``open_clip.loss.ClipLoss.forward`` takes ``logit_bias`` (2.32 on)."""
+    from open_clip.loss import ClipLoss
+    return "logit_bias" in inspect.signature(ClipLoss.forward).parameters
+
+
+def native_local_dir() -> bool:
+    """Whether OpenCLIP itself resolves ``local-dir:PATH`` model names (3.0 on)."""
+    import open_clip.factory
+    return hasattr(open_clip.factory, "LOCAL_DIR_PREFIX")
+
+
+def tokenizer_context_length(config_context_length: int) -> int:
+    """The number of tokens ``open_clip.get_tokenizer`` gives for a model whose text config says
+    ``config_context_length``: that number, except on 2.20, whose tokenizer always gives 77."""
+    import open_clip
+    if "context_length" in inspect.signature(open_clip.get_tokenizer).parameters:
+        return config_context_length
+    return DEFAULT_CONTEXT_LENGTH
+
+
+def resume_loads_own_checkpoints() -> bool:
+    """False where ``--resume`` of the trainer's own checkpoint fails: its scheduler writes numpy
+    learning rates into the optimizer state (before 2.30), and torch >= 2.6 loads with
+    ``weights_only=True`` by default."""
+    import torch
+    scheduler = importlib.import_module(f"{require_trainer().package}.scheduler")
+    numpy_lrs = hasattr(scheduler, "np")
+    return not (numpy_lrs and _version_tuple(torch.__version__) >= (2, 6))
+
+
+def numpy_scalars_allowed():
+    """A context in which ``torch.load(..., weights_only=True)`` also reads numpy float scalars,
+    which the trainers before 2.30 store as learning rates in their checkpoints' optimizer state.
+    Only the scalar constructor and float dtypes are allowed, no other code."""
+    import numpy as np
+    import torch
+    core = getattr(np, "_core", None) or np.core
+    return torch.serialization.safe_globals(
+        [core.multiarray.scalar, np.dtype] + [type(np.dtype(t)) for t in (np.float64, np.float32)])
+
+
+def model_name(name: str) -> str:
+    """A model name the installed OpenCLIP can create. ``local-dir:PATH`` stays as it is where
+    OpenCLIP resolves it; on older releases, the folder's ``open_clip_config.json`` (its
+    ``model_cfg``) is registered in-process with ``open_clip.add_model_config`` and its plain name
+    returned. The folder's weights and ``preprocess_cfg`` are not read there (as ``--pretrained``
+    is ignored for ``local-dir:`` models in 3.x)."""
+    if not name.startswith(LOCAL_DIR) or native_local_dir():
+        return name
+    import open_clip
+    folder = os.path.abspath(os.path.expanduser(name[len(LOCAL_DIR):]))
+    path = os.path.join(folder, "open_clip_config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--model {name}: no open_clip_config.json in {folder}")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    model_cfg = config.get("model_cfg", config)
+    if not all(key in model_cfg for key in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise ValueError(f"--model {name}: {path} has no model_cfg with embed_dim, vision_cfg and text_cfg")
+    context = model_cfg["text_cfg"].get("context_length", DEFAULT_CONTEXT_LENGTH)
+    if tokenizer_context_length(context) != context:
+        raise ValueError(
+            f"--model {name}: text_cfg.context_length is {context}, but the tokenizer of OpenCLIP "
+            f"{openclip_version()} always gives {DEFAULT_CONTEXT_LENGTH} tokens; set it to "
+            f"{DEFAULT_CONTEXT_LENGTH} in {path}")
+    # A plain name per folder (and content), so two folders never share a registry entry.
+    digest = hashlib.sha1((folder + json.dumps(model_cfg, sort_keys=True)).encode()).hexdigest()[:12]
+    plain = f"local-dir-{os.path.basename(folder) or 'model'}-{digest}"
+    registered = os.path.join(tempfile.gettempdir(), "m2mix-openclip-models", f"{plain}.json")
+    if open_clip.get_model_config(plain) is None:
+        os.makedirs(os.path.dirname(registered), exist_ok=True)
+        tmp = f"{registered}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(model_cfg, f)
+        os.replace(tmp, registered)  # several processes may register the same folder at once
+        open_clip.add_model_config(registered)
+    return plain
+
+
+def translate_model_argument(argv: Sequence[str]) -> List[str]:
+    """``argv`` with the value of ``--model`` (``--model X`` or ``--model=X``) passed through
+    :func:`model_name`, so that ``local-dir:`` works on every supported release."""
+    out = list(argv)
+    for i, token in enumerate(out):
+        if token == "--model" and i + 1 < len(out):
+            out[i + 1] = model_name(out[i + 1])
+        elif token.startswith("--model="):
+            out[i] = "--model=" + model_name(token[len("--model="):])
+    return out
