@@ -9,42 +9,15 @@ here synchronises with the device inside ``forward``: lambdas and pairings come 
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional
 
 import torch
 
 from ..mixup import UNIT_NORM_TOLERANCE, sample_beta
+from .options import MIX_PAIRINGS, MIX_SCHEDULES, MixOptions
 from .terms import pair_partners
 
-__all__ = ["MixingStateMixin", "MIX_SCHEDULES", "MIX_PAIRINGS", "check_weight", "check_alpha",
-           "check_temperature"]
-
-MIX_SCHEDULES = ("inverse-epoch", "constant")
-MIX_PAIRINGS = ("reverse", "random")
-
-
-def check_weight(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value
-
-
-def check_alpha(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0 (the Beta(a, a) parameter), got {value!r}")
-    return value
-
-
-def check_temperature(name: str, value: Optional[float]) -> Optional[float]:
-    if value is None:
-        return None
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be > 0 (or None for the model's logit_scale), got {value!r}")
-    return value
+__all__ = ["MixingStateMixin", "MIX_SCHEDULES", "MIX_PAIRINGS"]
 
 
 class MixingStateMixin:
@@ -58,32 +31,13 @@ class MixingStateMixin:
     and :meth:`logged_scalars`.
     """
 
-    def _init_mixing_options(
-            self,
-            m2mix_weight: float = 0.02,
-            m2mix_alpha: float = 0.5,
-            m2mix_temperature: Optional[float] = 0.07,
-            vmix_weight: float = 0.0,
-            lmix_weight: float = 0.0,
-            vlmix_weight: float = 0.0,
-            unimix_alpha: float = 0.5,
-            unimix_temperature: Optional[float] = None,
-            mix_pairing: str = "reverse",
-            mix_schedule: str = "inverse-epoch",
-            seed: int = 0,
-            calls_per_step: int = 1,
-    ) -> None:
-        """Checks and stores the mixing options every family takes (defaults and meanings in
-        ``M2MixLoss``'s docstring), then calls :meth:`_init_mixing`."""
-        self.m2mix_weight = check_weight("m2mix_weight", m2mix_weight)
-        self.vmix_weight = check_weight("vmix_weight", vmix_weight)
-        self.lmix_weight = check_weight("lmix_weight", lmix_weight)
-        self.vlmix_weight = check_weight("vlmix_weight", vlmix_weight)
-        self.m2mix_alpha = check_alpha("m2mix_alpha", m2mix_alpha)
-        self.unimix_alpha = check_alpha("unimix_alpha", unimix_alpha)
-        self.m2mix_temperature = check_temperature("m2mix_temperature", m2mix_temperature)
-        self.unimix_temperature = check_temperature("unimix_temperature", unimix_temperature)
-        self._init_mixing(mix_schedule, mix_pairing, seed, calls_per_step)
+    def _init_mixing_options(self, seed: int = 0, calls_per_step: int = 1, **options) -> None:
+        """Checks and stores the mixing options every family takes (``MixOptions``: defaults and
+        meanings; a ``ValueError`` names a bad one), then calls :meth:`_init_mixing`."""
+        self.options = MixOptions(**options)  # a TypeError names an unknown keyword
+        for name, value in self.options.as_kwargs().items():
+            setattr(self, name, value)
+        self._init_mixing(self.mix_schedule, self.mix_pairing, seed, calls_per_step)
 
     def _init_mixing(self, mix_schedule: str, mix_pairing: str, seed: int, calls_per_step: int) -> None:
         if mix_schedule not in MIX_SCHEDULES:
