@@ -90,13 +90,13 @@ class PluginArgumentParser(argparse.ArgumentParser):
         for name in registry.available(registry.EVAL_HOOKS_GROUP):
             hook, error = registry.try_load(registry.EVAL_HOOKS_GROUP, name)
             if hook is None:
-                group.add_argument_group(f"evaluation hook {name}: unavailable ({error})")
+                self.add_argument_group(f"evaluation hook {name}", description=f"unavailable: {error}")
             elif getattr(hook, "add_arguments", None) is not None:
                 hook.add_arguments(self)
         for name in (losses if wants_help else [self._loss_name] if self._loss_name in losses else []):
             plugin, error = registry.try_load(registry.LOSS_GROUP, name)
             if plugin is None:
-                self.add_argument_group(f"--loss {name}: unavailable ({error})")
+                self.add_argument_group(f"--loss {name}", description=f"unavailable: {error}")
                 continue
             add = getattr(plugin, "add_arguments", None)
             if add is not None:
