@@ -2,6 +2,7 @@
 
 import math
 import os
+import time
 from argparse import Namespace
 
 import pytest
@@ -313,6 +314,16 @@ def _worker(rank, world, port, out_dir):
         off = M2MixSigLipLoss(rank=rank, world_size=world, dist_impl=impl, m2mix_weight=0.0)(xs, ys, scale, bias)
         theirs = SigLipLoss(rank=rank, world_size=world, dist_impl=impl)(xs, ys, scale, bias)
         results[(impl, "off")] = (off.item(), theirs.item())
+        # NaN on the last process only: every process gets a non-finite loss, none raises or hangs
+        loss = M2MixSigLipLoss(rank=rank, world_size=world, dist_impl=impl, m2mix_weight=WEIGHT)
+        loss(xs, ys, scale, bias)  # the first call checks unit norms (all processes agree)
+        bad = xs.clone()
+        if rank == world - 1:
+            bad[1, 2] = float("nan")
+        start = time.monotonic()
+        total = loss(bad.requires_grad_(), ys, scale, bias)
+        total.backward()
+        results[(impl, "nan")] = (bool(torch.isfinite(total)), time.monotonic() - start)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -360,3 +371,11 @@ def test_every_dist_impl_with_mixing_off_is_openclip_exactly(ranks, impl):
     for r in per_rank:
         ours, theirs = r[(impl, "off")]
         assert ours == theirs and math.isfinite(ours)
+
+
+@pytest.mark.parametrize("impl", DIST_IMPLS)
+def test_nan_on_one_process_gives_every_process_a_nonfinite_loss(ranks, impl):
+    _, per_rank = ranks
+    for r in per_rank:
+        finite, seconds = r[(impl, "nan")]
+        assert not finite and seconds < 30
