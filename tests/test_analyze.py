@@ -150,3 +150,14 @@ def test_class_names_without_labels_is_an_error_not_an_exit(tiny, tmp_path):
     assert isinstance(args, Namespace)
     with pytest.raises(ValueError, match="--class-names needs a label"):
         analyze(args)
+
+
+def test_offline_pretrained_is_one_clean_error(tmp_path):
+    (tmp_path / "d.csv").write_text("filepath\ttitle\nx.png\ta cat\n")
+    proc = subprocess.run([sys.executable, "-m", "m2mix_openclip.analyze", "--model", "ViT-B-32", "--pretrained",
+                           "openai", "--data", str(tmp_path / "d.csv"), "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"), timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "m2mix-analyze: error: cannot load --pretrained 'openai' for --model 'ViT-B-32'" in proc.stderr
+    assert "offline?" in proc.stderr
