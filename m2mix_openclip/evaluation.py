@@ -255,28 +255,38 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
     return ece
 
 
-def _ranks_in_blocks(queries, candidates, best_positive, logit_scale, chunk_size):
+def _ranks_in_blocks(queries, candidates, positive_index, logit_scale, chunk_size):
     """For each query q, with s_q = candidates @ q:
     rank_q = #{c : s_qc > best_positive_q} (candidates scored strictly above the best positive, so
     ties count in the query's favour), top1_q = argmax_c s_qc and
     confidence_q = max_c softmax(logit_scale * s_q)_c.
 
-    ``best_positive(scores, start, stop)`` gives the (stop - start,) best positive score of a block
-    of queries from its (stop - start, C) scores. Rows go in blocks of ``chunk_size`` (default:
-    about 2**24 scores, 64 MiB), so memory is O(chunk x C): no Q x C matrix, no sort.
+    ``positive_index`` (Q, P) long holds each query's positive candidates (a row may repeat one);
+    their best score is read from the same block of scores, so a positive ties with itself exactly.
+    Rows go in blocks of ``chunk_size`` queries (default: about 2**22 scores, 16 MiB), so memory
+    is O(chunk x C) (two float32 blocks, reused) plus a (D, C) copy of the candidates:
+    no Q x C matrix, no sort.
     """
     num_candidates = candidates.shape[0]
-    rows = max(1, chunk_size if chunk_size is not None else (1 << 24) // max(1, num_candidates))
-    candidates_t = candidates.float().T  # (D, C)
+    rows = max(1, chunk_size if chunk_size is not None else (1 << 22) // max(1, num_candidates))
+    # (D, C) contiguous: a transposed view made the BLAS call grow memory with every block here
+    candidates_t = candidates.float().T.contiguous()
+    # two (rows, C) float32 buffers reused by every block: no allocation that grows with C inside
+    # the loop (fresh per-block tensors let the C allocator's heap grow block after block)
+    buffer = torch.empty(min(rows, queries.shape[0]), num_candidates)
+    above = torch.empty_like(buffer)
     ranks, tops, confidences = [], [], []
     for start in range(0, queries.shape[0], rows):
-        stop = min(start + rows, queries.shape[0])
-        scores = queries[start:stop].float() @ candidates_t  # (b, C)
-        best = best_positive(scores, start, stop)  # (b,)
-        ranks.append((scores > best[:, None]).sum(1))
+        block = queries[start:start + rows].float()
+        b = block.shape[0]
+        scores = torch.matmul(block, candidates_t, out=buffer[:b])  # (b, C)
+        best = scores.gather(1, positive_index[start:start + rows]).amax(1, keepdim=True)  # (b, 1)
+        # counts as float32 sums of 0/1: exact up to 2**24 candidates
+        ranks.append(torch.gt(scores, best, out=above[:b]).sum(1).long())
         top_score, top = scores.max(1)
         tops.append(top)
-        confidences.append(torch.exp(logit_scale * top_score - torch.logsumexp(logit_scale * scores, 1)))
+        # max softmax = 1 / sum_c exp(scale (s_c - s_max)), computed in place in the buffer
+        confidences.append(1.0 / scores.sub_(top_score[:, None]).mul_(logit_scale).exp_().sum(1))
     return torch.cat(ranks), torch.cat(tops), torch.cat(confidences)
 
 
@@ -301,7 +311,7 @@ def grouped_retrieval(image_features: torch.Tensor, text_features: torch.Tensor,
     Args:
         image_features: (I, D), one row per unique image; text_features: (T, D).
         caption_image: (T,) long, the image row of each caption; every image needs a caption.
-        chunk_size: query rows per block (default: about 2**24 scores per block).
+        chunk_size: query rows per block (default: about 2**22 scores per block).
     Raises:
         ValueError: shapes disagree, an image has no caption, or one image's captions carry
             different labels.
@@ -318,15 +328,14 @@ def grouped_retrieval(image_features: torch.Tensor, text_features: torch.Tensor,
                          f"(first: row {int((captions_per_image == 0).nonzero()[0])})")
     out: Dict[str, float] = {}
 
-    def best_caption(scores, start, stop):
-        own = caption_image[None, :] == torch.arange(start, stop)[:, None]  # (b, T)
-        return scores.masked_fill(~own, -float("inf")).amax(1)
-
-    def own_image(scores, start, stop):
-        return scores.gather(1, caption_image[start:stop, None]).squeeze(1)
-
-    i2t = _ranks_in_blocks(image_features, text_features, best_caption, logit_scale, chunk_size)
-    t2i = _ranks_in_blocks(text_features, image_features, own_image, logit_scale, chunk_size)
+    # captions of each image as rows of a (I, most captions) index, padded with the first caption
+    order = torch.argsort(caption_image, stable=True)
+    starts = torch.cumsum(captions_per_image, 0) - captions_per_image
+    slot = torch.arange(num_texts) - starts[caption_image[order]]
+    image_captions = order[starts][:, None].repeat(1, int(captions_per_image.max()))
+    image_captions[caption_image[order], slot] = order
+    i2t = _ranks_in_blocks(image_features, text_features, image_captions, logit_scale, chunk_size)
+    t2i = _ranks_in_blocks(text_features, image_features, caption_image[:, None], logit_scale, chunk_size)
     image_labels = None
     if labels is not None:
         labels = torch.as_tensor(labels)
