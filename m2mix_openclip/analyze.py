@@ -24,6 +24,7 @@ import torch
 
 from .evaluation import class_text_features, encode_grouped, evaluate_features, load_model, load_pairs
 from .plots import plot_cosine_histograms, plot_metric_bars, plot_sphere_projection
+from .simat import DEFAULT_SCALES
 
 # (key, row name) in the order the table prints them; other keys follow alphabetically
 METRIC_ROWS = [
@@ -47,6 +48,10 @@ METRIC_ROWS = [
     ("modality_gap", "modality gap"),
     ("positive_cosine", "mean positive cosine"),
     ("negative_cosine", "mean negative cosine"),
+    ("simat_dev", "SIMAT dev (best scale)"),
+    ("simat_dev_scale", "SIMAT dev: best scale"),
+    ("simat_test", "SIMAT test (best scale)"),
+    ("simat_test_scale", "SIMAT test: best scale"),
 ]
 
 
@@ -121,6 +126,10 @@ def analyze(args) -> dict:
     if class_names is not None and int(labels.max()) >= len(class_names):
         raise ValueError(f"labels go up to {int(labels.max())} but only {len(class_names)} class names were given")
 
+    simat = None
+    if args.simat_db:
+        from .simat import load_simat, simat_evaluate
+        simat = load_simat(args.simat_db)  # checked before any model is built
     checkpoints = [args.checkpoint] + list(args.compare or [])
     table, features = {}, {}
     num_images = None
@@ -132,6 +141,9 @@ def analyze(args) -> dict:
         classifier = (class_text_features(model, tokenizer, class_names, args.templates, device)
                       if class_names is not None else None)
         table[name] = evaluate_features(x, y, labels, classifier, scale, caption_image=caption_image)
+        if simat is not None:
+            table[name].update(simat_evaluate(model, preprocess, tokenizer, args.simat_db, args.simat_domain,
+                                              args.simat_scales, args.batch_size, device, data=simat))
         features[name] = (x[caption_image], y)  # per pair, for the figures
     os.makedirs(args.out, exist_ok=True)
     figures = {"sphere": os.path.join(args.out, "embeddings_on_circle.png"),
@@ -175,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--class-names", default=None, help="Comma-separated names, or a file with one per line.")
     parser.add_argument("--templates", nargs="+", default=["a photo of a {c}."],
                         help="Zero-shot prompt templates; {c} is the class name.")
+    parser.add_argument("--simat-db", default=None, metavar="DIR",
+                        help="Also score SIMAT (embedding arithmetic) on the benchmark's simat_db folder.")
+    parser.add_argument("--simat-domain", default="dev", choices=["dev", "test"], help="SIMAT split (default dev).")
+    parser.add_argument("--simat-scales", type=float, nargs="+", default=list(DEFAULT_SCALES), metavar="S",
+                        help="SIMAT scales tried; the best is reported (default 0.5, 1.0, ..., 6.5).")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--limit", type=int, default=None, help="Use at most this many pairs.")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")

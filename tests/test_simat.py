@@ -10,6 +10,7 @@ from PIL import Image
 
 from m2mix_openclip.demo import write_local_model
 from m2mix_openclip.evaluation import embedding_arithmetic
+from m2mix_openclip.analyze import main as analyze_main
 from m2mix_openclip.simat import load_simat, simat_evaluate, simat_scores
 
 
@@ -124,3 +125,21 @@ def test_embedding_arithmetic_is_stricter_than_simat(tmp_path):
     exact = embedding_arithmetic(e[:1], words["cat"][None], words["dog"][None], e, torch.tensor([1]),
                                  torch.tensor([0]), scale=1.0)
     assert exact["arithmetic_R@1"] == 0.0
+
+
+def test_analyze_simat_db_flag(tmp_path):
+    regions = [10, 11, 12]
+    sim = torch.rand(3, 2, generator=torch.Generator().manual_seed(2))
+    folder = write_db(tmp_path / "db", regions, [(10, "cat", "dog", 0, 1, "False"), (11, "dog", "cat", 1, 4, "False")],
+                      sim)
+    model_name = write_local_model(str(tmp_path / "model"))
+    (tmp_path / "d.csv").write_text("filepath\ttitle\n" + "".join(
+        f"{tmp_path / 'db' / 'images' / 'images' / f'{r}.png'}\tpicture {r}\n" for r in regions))
+    assert analyze_main(["--model", model_name, "--data", str(tmp_path / "d.csv"), "--simat-db", folder,
+                         "--simat-scales", "1", "2", "--out", str(tmp_path / "r"), "--device", "cpu"]) == 0
+    import json
+    row = json.loads((tmp_path / "r" / "analysis.json").read_text())["models"][model_name]
+    assert set(row) >= {"simat_dev", "simat_dev_scale", "simat_dev@1", "simat_dev@2"}
+    assert row["simat_dev"] == max(row["simat_dev@1"], row["simat_dev@2"])
+    assert analyze_main(["--model", model_name, "--data", str(tmp_path / "d.csv"), "--simat-db",
+                         str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")]) == 2
