@@ -119,7 +119,10 @@ def test_torchrun_two_cpu_processes_local_loss_gather_with_grad(env):
     assert GEOMETRY_KEYS <= set(results(env["logs"], "ddp")[0])
 
 
-def test_patch_applies_to_the_installed_wheel_and_trains(env):
+@pytest.fixture(scope="module")
+def patched(env):
+    """A copy of the installed OpenCLIP trainer with patches/open_clip_v3.3.0-loss-plugins.patch,
+    first on PYTHONPATH."""
     import open_clip_train
     src = env["base"] / "patched" / "src"
     shutil.copytree(os.path.dirname(open_clip_train.__file__), src / "open_clip_train",
@@ -127,18 +130,41 @@ def test_patch_applies_to_the_installed_wheel_and_trains(env):
     root = src.parent
     subprocess.run(["patch", "-p1", "--dry-run", "-i", PATCH], cwd=root, check=True, capture_output=True)
     subprocess.run(["patch", "-p1", "-i", PATCH], cwd=root, check=True, capture_output=True)
-    env_extra = {"PYTHONPATH": str(src)}
-    args = common_args(env["model"], env["logs"], "patched", epochs=2) + csv_args(env["data"])
-    run([sys.executable, "-m", "open_clip_train.main", *args, "--loss", "m2mix"], env_extra=env_extra)
-    log = read_log(env["logs"], "patched")
+    return {"PYTHONPATH": str(src)}
+
+
+@pytest.mark.parametrize("path", ["launcher", "patch"])
+def test_launcher_and_patch_behave_alike(env, patched, path):
+    """One protocol, two paths: the same loss terms, loss scalars at the same steps with the same
+    names, geometry and zero-shot figures, and the loss state inside the checkpoint."""
+    import torch
+    name = f"alike-{path}"
+    d = env["data"]
+    args = common_args(env["model"], env["logs"], name, epochs=2) + csv_args(d) + [
+        "--loss", "m2mix", "--zeroshot-data", f"clean={d['test']['csv']}", "--zeroshot-classnames",
+        "zero,one,two,three,four,five,six,seven,eight,nine", "--zeroshot-templates", "the number {c}"]
+    if path == "launcher":
+        launcher(*args)
+    else:
+        run([sys.executable, "-m", "open_clip_train.main", *args], env_extra=patched)
+    log = read_log(env["logs"], name)
     assert "M2mix_loss" in log
-    rows = results(env["logs"], "patched")
-    assert len(rows) == 2 and all(GEOMETRY_KEYS <= set(r) for r in rows)
-    # the abbreviation trap is closed, and guard rails are argparse errors
-    bad = run([sys.executable, "-m", "open_clip_train.main", "--loss-dist", "x"], env_extra=env_extra, check=False)
+    scalars = logged_scalars(log)
+    assert len(scalars) == 6 and set(scalars[0]) == {"m2mix_lambda", "mix_schedule_factor", "nonfinite_steps"}
+    rows = results(env["logs"], name)
+    assert len(rows) == 2 and all(GEOMETRY_KEYS <= set(r) and "clean-zeroshot-top1" in r for r in rows)
+    checkpoint = torch.load(env["logs"] / name / "checkpoints" / "epoch_2.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["loss"]["_extra_state"]["epoch"] == 1
+    if path == "patch":  # the same numbers as the launcher's run, which ran first
+        assert logged_scalars(read_log(env["logs"], "alike-launcher")) == scalars
+        assert logged_losses(read_log(env["logs"], "alike-launcher")) == logged_losses(log)
+
+
+def test_patched_openclip_closes_the_abbreviation_trap(patched):
+    bad = run([sys.executable, "-m", "open_clip_train.main", "--loss-dist", "x"], env_extra=patched, check=False)
     assert bad.returncode == 2 and "unrecognized arguments: --loss-dist" in bad.stderr
     bad = run([sys.executable, "-m", "open_clip_train.main", "--loss", "m2mix", "--siglip", "--vmix-weight", "0.1"],
-              env_extra=env_extra, check=False)
+              env_extra=patched, check=False)
     assert bad.returncode == 2 and "cannot be combined with --siglip" in bad.stderr
 
 
