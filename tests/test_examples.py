@@ -53,7 +53,7 @@ def test_recipe_commands_parse(script, loss):
     argv = shlex.split(out)
     args_start = argv.index("m2mix_openclip.train") + 1
     train_argv = [a for a in argv[args_start:] if a != "--"]
-    args = parse_args(train_argv)
+    args = parse_args(train_argv, check_data=False)  # the data lives on the GPU machine
     assert args.loss == loss and args.model == "ViT-B-32" and args.pretrained == "openai"
     assert (args.batch_size, args.lr, args.wd, args.epochs) == (128, 1e-5, 0.2, 9)
     if loss == "m2mix":
@@ -89,7 +89,7 @@ def test_m3mix_recipe_has_the_reference_values(tmp_path, env, lr, wd, vlmix):
     train_argv = [a for a in argv[argv.index("m2mix_openclip.train") + 1:] if a != "--"]
     assert train_argv[train_argv.index("--unimix-temperature") + 1] == "0.01"
     try:
-        args = parse_args(train_argv)
+        args = parse_args(train_argv, check_data=False)  # the data lives on the GPU machine
     except SystemExit:
         if "unimix_temperature" not in " ".join(open(parse_args.__code__.co_filename).read().split()):
             pytest.xfail("this launcher has no --unimix-temperature yet")

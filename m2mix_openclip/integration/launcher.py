@@ -67,6 +67,8 @@ class PluginArgumentParser(argparse.ArgumentParser):
     one line (no 60-line usage), with a did-you-mean for a mistyped flag.
     """
 
+    check_data = True  # the pre-flight checks of data files (parse_args(..., check_data=False) skips them)
+
     def __init__(self, *args, **kwargs):
         kwargs["allow_abbrev"] = False
         kwargs.setdefault("prog", "m2mix-train")
@@ -135,7 +137,8 @@ class PluginArgumentParser(argparse.ArgumentParser):
             if message:
                 self.error(message)
         try:
-            preflight.check_args(args, args.loss)
+            if self.check_data:
+                preflight.check_args(args, args.loss)
         except preflight.PreflightError as e:
             self.error(str(e))
 
@@ -161,10 +164,10 @@ class PluginArgumentParser(argparse.ArgumentParser):
         return suggest_flags(message, self._option_string_actions) or message
 
 
-def _argparse_shim() -> types.ModuleType:
+def _argparse_shim(parser_class=None) -> types.ModuleType:
     shim = types.ModuleType("argparse")
     shim.__dict__.update(argparse.__dict__)
-    shim.ArgumentParser = PluginArgumentParser
+    shim.ArgumentParser = parser_class or PluginArgumentParser
     return shim
 
 
@@ -339,10 +342,12 @@ def _swapped(*triples):
             setattr(obj, name, value)
 
 
-def parse_args(argv: List[str]) -> argparse.Namespace:
-    """Parses a training command line exactly as ``main`` would, without training."""
+def parse_args(argv: List[str], check_data: bool = True) -> argparse.Namespace:
+    """Parses a training command line exactly as ``main`` would, without training; with
+    ``check_data=False`` the data files need not exist (recipes for another machine)."""
     oc_params = openclip_compat.require_trainer().params
-    with _swapped((oc_params, "argparse", _argparse_shim())):
+    parser_class = type("RecipeArgumentParser", (PluginArgumentParser,), {"check_data": check_data})
+    with _swapped((oc_params, "argparse", _argparse_shim(parser_class))):
         return oc_params.parse_args(openclip_compat.translate_model_argument(argv))
 
 
