@@ -237,13 +237,11 @@ def encode_grouped(model, preprocess, tokenizer, pairs: Sequence[dict], batch_si
 
 @torch.no_grad()
 def class_text_features(model, tokenizer, class_names: Sequence[str], templates: Sequence[str], device="cpu"):
-    """(C, D) zero-shot classifier: the normalised mean of each class's prompt embeddings."""
-    weights = []
-    for index, name in enumerate(class_names):
-        prompts = [t.format(name=name, digit=index, c=name) for t in templates]
-        emb = F.normalize(model.encode_text(tokenizer(prompts).to(device)).float(), dim=-1).mean(0)
-        weights.append(F.normalize(emb, dim=-1).cpu())
-    return torch.stack(weights)
+    """(C, D) zero-shot classifier (``zeroshot.zero_shot_classifier``); templates may name the
+    class as ``{c}`` or ``{name}``, and its index as ``{digit}``."""
+    from .zeroshot import zero_shot_classifier
+    return zero_shot_classifier(model, tokenizer, class_names, templates, device,
+                                fill=lambda t, i, name: t.format(name=name, digit=i, c=name)).cpu()
 
 
 # -- metrics --------------------------------------------------------------------------------------
@@ -382,12 +380,11 @@ def retrieval_metrics(image_features, text_features, logit_scale: float = 100.0,
 
 
 def zero_shot_metrics(image_features, classifier, labels, logit_scale: float = 100.0) -> Dict[str, float]:
-    """Zero-shot top-1 accuracy and the ECE of its softmax confidence."""
-    probs = (logit_scale * image_features @ classifier.T).softmax(dim=1)
-    confidence, prediction = probs.max(dim=1)
-    correct = prediction == labels
-    return {"zero_shot_accuracy": correct.float().mean().item(),
-            "zero_shot_ece": expected_calibration_error(confidence, correct)}
+    """Zero-shot top-1 accuracy and the ECE of its softmax confidence (``zeroshot.zero_shot_scores``,
+    the code the training-time ``--zeroshot-data`` hook uses)."""
+    from .zeroshot import zero_shot_scores
+    scores = zero_shot_scores(image_features.float() @ classifier.float().T, labels, logit_scale)
+    return {"zero_shot_accuracy": scores["top1"], "zero_shot_ece": scores["ece"]}
 
 
 def embedding_arithmetic(query_images, source_texts, target_texts, gallery, target_index,
