@@ -106,7 +106,10 @@ def model_labels(args) -> List[str]:
         return list(args.labels)
     named = [c for c in checkpoints if c]
     short = iter(short_unique_names(named)) if named else iter(())
-    return [next(short) if c else (args.pretrained or args.model) for c in checkpoints]
+    # a model without a checkpoint: its pretrained tag, or the model's name (a local-dir: folder's last part)
+    model = args.model.split(":", 1)[1] if args.model.startswith("local-dir:") else args.model
+    default = args.pretrained or os.path.basename(os.path.normpath(model))
+    return [next(short) if c else default for c in checkpoints]
 
 
 def analyze(args) -> dict:

@@ -138,7 +138,7 @@ def test_analyze_simat_db_flag(tmp_path):
     assert analyze_main(["--model", model_name, "--data", str(tmp_path / "d.csv"), "--simat-db", folder,
                          "--simat-scales", "1", "2", "--out", str(tmp_path / "r"), "--device", "cpu"]) == 0
     import json
-    row = json.loads((tmp_path / "r" / "analysis.json").read_text())["models"][model_name]
+    row = json.loads((tmp_path / "r" / "analysis.json").read_text())["models"]["model"]  # the folder's name
     assert set(row) >= {"simat_dev", "simat_dev_scale", "simat_dev@1", "simat_dev@2"}
     assert row["simat_dev"] == max(row["simat_dev@1"], row["simat_dev@2"])
     assert analyze_main(["--model", model_name, "--data", str(tmp_path / "d.csv"), "--simat-db",
