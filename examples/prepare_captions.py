@@ -10,7 +10,16 @@
         --images train2017 --out data/coco_train.csv
 
 One row per caption (an image with 5 captions gives 5 rows), tab-separated, columns
-``filepath`` and ``title``: use ``--csv-img-key filepath --csv-caption-key title``.
+``filepath``, ``title`` and ``image_id`` (the image's file name): use
+``--csv-img-key filepath --csv-caption-key title`` to train, and ``m2mix-analyze --image-id-key image_id``
+(or the default grouping by path) so that retrieval counts any of an image's captions.
+
+``--one-caption-out PATH`` also writes a CSV with one caption per image (the first listed), as the
+reference implementation (changdaeoh/multimodal-mixup) fine-tunes:
+
+    python examples/prepare_captions.py --format flickr-token --captions results_20130124.token \
+        --images flickr30k-images --split-file train.txt --out data/flickr30k_train.csv \
+        --one-caption-out data/flickr30k_train_onecap.csv
 """
 
 import argparse
@@ -53,9 +62,15 @@ def write_csv(rows, images_dir, out):
         raise FileNotFoundError(f"{len(missing)} images are missing from {images_dir}, e.g. {missing[0]}")
     with open(out, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, delimiter="\t")
-        w.writerow(["filepath", "title"])
+        w.writerow(["filepath", "title", "image_id"])
         for img, caption in rows:
-            w.writerow([os.path.abspath(os.path.join(images_dir, img)), caption])
+            w.writerow([os.path.abspath(os.path.join(images_dir, img)), caption, img])
+
+
+def first_caption_per_image(rows):
+    """The first (image, caption) row of each image, in the order images first appear."""
+    seen = set()
+    return [(img, caption) for img, caption in rows if not (img in seen or seen.add(img))]
 
 
 def write_shards(rows, images_dir, folder, shard_size):
@@ -81,6 +96,7 @@ def main(argv=None):
     p.add_argument("--images", required=True, help="Folder holding the image files.")
     p.add_argument("--out", required=True, help="CSV to write.")
     p.add_argument("--split-file", help="Flickr30k: a file listing this split's image names, one per line.")
+    p.add_argument("--one-caption-out", help="Also write a CSV with one caption (the first) per image here.")
     p.add_argument("--shards", help="Also write webdataset shards into this folder.")
     p.add_argument("--shard-size", type=int, default=10000)
     args = p.parse_args(argv)
@@ -93,7 +109,11 @@ def main(argv=None):
     else:
         rows = read_coco_json(args.captions)
     write_csv(rows, args.images, args.out)
-    print(f"wrote {len(rows)} captions to {args.out}")
+    print(f"wrote {len(rows)} captions of {len({img for img, _ in rows})} images to {args.out}")
+    if args.one_caption_out:
+        single = first_caption_per_image(rows)
+        write_csv(single, args.images, args.one_caption_out)
+        print(f"wrote {len(single)} captions (one per image) to {args.one_caption_out}")
     if args.shards:
         pattern, n = write_shards(rows, args.images, args.shards, args.shard_size)
         print(f"wrote {n} samples to {pattern} (use --train-num-samples {n})")

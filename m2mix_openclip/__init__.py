@@ -5,8 +5,9 @@ OpenCLIP's trainer; ``m2mix_openclip.integration`` is the only place that knows 
 """
 
 from .mixup import geodesic_mix, sample_beta
-from .losses import M2MixLoss
+from .losses import M2MixCoCaLoss, M2MixDistillLoss, M2MixLoss, M2MixSigLipLoss
 from .metrics import embedding_geometry
 
-__all__ = ["geodesic_mix", "sample_beta", "M2MixLoss", "embedding_geometry"]
+__all__ = ["geodesic_mix", "sample_beta", "M2MixLoss", "M2MixSigLipLoss", "M2MixCoCaLoss", "M2MixDistillLoss",
+           "embedding_geometry"]
 __version__ = "0.1.0"

@@ -2,11 +2,14 @@
 checkpoint on any CSV or webdataset image-caption data.
 
     m2mix-analyze --model ViT-B-32 --pretrained openai --data test.csv --out report/
-    m2mix-analyze --model local-dir:DIR --checkpoint a.pt --compare b.pt c.pt --data 'shards-{000000..000003}.tar' \\
-        --class-names zero,one,two,... --templates 'a photo of a {c}' --out report/
+    m2mix-analyze --model local-dir:DIR --checkpoint a.pt --compare b.pt c.pt --labels base clip m2mix \\
+        --data 'shards-{000000..000003}.tar' --class-names zero,one,two,... --templates 'a photo of a {c}' \\
+        --out report/
 
+Retrieval groups the captions of one image (same CSV path, same shard bytes, or --image-id-key):
+image-to-text R@K counts any of the image's captions, and each image is embedded once.
 Writes OUT/analysis.json and figures (embeddings on the circle, cosine histograms, metric bars).
-Checkpoints load with weights_only=True.
+Checkpoints load with weights_only=True. Errors end in one line (exit 2); --debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -14,11 +17,42 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .evaluation import class_text_features, encode, evaluate_features, load_model, load_pairs
+from .evaluation import class_text_features, encode_grouped, evaluate_features, load_model, load_pairs
 from .plots import plot_cosine_histograms, plot_metric_bars, plot_sphere_projection
+from .simat import DEFAULT_SCALES
+
+# (key, row name) in the order the table prints them; other keys follow alphabetically
+METRIC_ROWS = [
+    ("zero_shot_accuracy", "zero-shot accuracy"),
+    ("zero_shot_ece", "zero-shot ECE"),
+    ("image_to_text_R@1", "image->text R@1"),
+    ("image_to_text_R@5", "image->text R@5"),
+    ("image_to_text_R@10", "image->text R@10"),
+    ("text_to_image_R@1", "text->image R@1"),
+    ("text_to_image_R@5", "text->image R@5"),
+    ("text_to_image_R@10", "text->image R@10"),
+    ("image_to_text_label_precision@1", "image->text label precision@1"),
+    ("text_to_image_label_precision@1", "text->image label precision@1"),
+    ("image_to_text_ece", "image->text ECE"),
+    ("text_to_image_ece", "text->image ECE"),
+    ("alignment", "alignment (lower: better)"),
+    ("uniformity_joint", "uniformity, joint (lower: better)"),
+    ("uniformity_image", "uniformity, image (lower: better)"),
+    ("uniformity_text", "uniformity, text (lower: better)"),
+    ("relative_alignment", "relative alignment"),
+    ("modality_gap", "modality gap"),
+    ("positive_cosine", "mean positive cosine"),
+    ("negative_cosine", "mean negative cosine"),
+    ("simat_dev", "SIMAT dev (best scale)"),
+    ("simat_dev_scale", "SIMAT dev: best scale"),
+    ("simat_test", "SIMAT test (best scale)"),
+    ("simat_test_scale", "SIMAT test: best scale"),
+]
 
 
 def _class_names(text):
@@ -30,9 +64,57 @@ def _class_names(text):
     return [c.strip() for c in text.split(",") if c.strip()]
 
 
+def short_unique_names(paths: Sequence[str]) -> List[str]:
+    """The shortest trailing path parts that tell the paths apart: ``epoch_10.pt`` alone, or
+    ``finetune-clip/checkpoints/epoch_10.pt`` beside ``finetune-m2mix/checkpoints/epoch_10.pt``."""
+    parts = [os.path.normpath(p).split(os.sep) for p in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]  # the same path twice
+
+
+def ordered_metric_rows(keys) -> List[tuple]:
+    """(key, row name) pairs: the known metrics in METRIC_ROWS order, then the rest by name."""
+    known = [(k, name) for k, name in METRIC_ROWS if k in keys]
+    seen = {k for k, _ in known}
+    return known + [(k, k) for k in sorted(keys) if k not in seen]
+
+
+def format_table(table: Dict[str, Dict[str, float]]) -> str:
+    names = list(table)
+    keys = set().union(*(row.keys() for row in table.values()))
+    rows = ordered_metric_rows(keys)
+    width = max([34] + [len(name) + 2 for _, name in rows])
+    col = max([12] + [len(n) + 2 for n in names])
+    lines = [f"{'metric':{width}s}" + "".join(f"{n:>{col}s}" for n in names)]
+    for key, row_name in rows:
+        lines.append(f"{row_name:{width}s}" + "".join(f"{table[n].get(key, float('nan')):{col}.4f}" for n in names))
+    return "\n".join(lines)
+
+
+def model_labels(args) -> List[str]:
+    """The column names: ``--labels`` as given, else short unique names of the checkpoints."""
+    checkpoints = [args.checkpoint] + list(args.compare or [])
+    if args.labels is not None:
+        if len(args.labels) != len(checkpoints):
+            raise ValueError(f"--labels has {len(args.labels)} name(s) for {len(checkpoints)} model(s) "
+                             "(the --checkpoint or --pretrained model, then each --compare checkpoint)")
+        if len(set(args.labels)) != len(args.labels):
+            raise ValueError(f"--labels must be unique, got {args.labels}")
+        return list(args.labels)
+    named = [c for c in checkpoints if c]
+    short = iter(short_unique_names(named)) if named else iter(())
+    return [next(short) if c else (args.pretrained or args.model) for c in checkpoints]
+
+
 def analyze(args) -> dict:
+    """Evaluates every model of ``args``; raises ValueError / FileNotFoundError on bad input."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pairs = load_pairs(args.data, args.csv_img_key, args.csv_caption_key, args.label_key, args.csv_separator)
+    names = model_labels(args)
+    pairs = load_pairs(args.data, args.csv_img_key, args.csv_caption_key, args.label_key, args.csv_separator,
+                       image_id_key=args.image_id_key)
     if args.limit:
         pairs = pairs[:args.limit]
     labels = None
@@ -40,23 +122,29 @@ def analyze(args) -> dict:
         labels = torch.tensor([p["label"] for p in pairs])
     class_names = _class_names(args.class_names)
     if class_names is not None and labels is None:
-        raise SystemExit(f"--class-names needs a label for every sample (column {args.label_key!r} or .cls members)")
+        raise ValueError(f"--class-names needs a label for every sample (column {args.label_key!r} or .cls members)")
     if class_names is not None and int(labels.max()) >= len(class_names):
-        raise SystemExit(f"labels go up to {int(labels.max())} but only {len(class_names)} class names were given")
+        raise ValueError(f"labels go up to {int(labels.max())} but only {len(class_names)} class names were given")
 
+    simat = None
+    if args.simat_db:
+        from .simat import load_simat, simat_evaluate
+        simat = load_simat(args.simat_db)  # checked before any model is built
     checkpoints = [args.checkpoint] + list(args.compare or [])
     table, features = {}, {}
-    for ckpt in checkpoints:
-        name = os.path.basename(ckpt) if ckpt else (args.pretrained or args.model)
-        if name in table:
-            name = ckpt
+    num_images = None
+    for name, ckpt in zip(names, checkpoints):
         model, preprocess, tokenizer = load_model(args.model, ckpt, args.pretrained, device)
         scale = model.logit_scale.exp().item()
-        x, y = encode(model, preprocess, tokenizer, pairs, args.batch_size, device, desc=name)
+        x, y, caption_image = encode_grouped(model, preprocess, tokenizer, pairs, args.batch_size, device, desc=name)
+        num_images = x.shape[0]
         classifier = (class_text_features(model, tokenizer, class_names, args.templates, device)
                       if class_names is not None else None)
-        table[name] = evaluate_features(x, y, labels, classifier, scale)
-        features[name] = (x, y)
+        table[name] = evaluate_features(x, y, labels, classifier, scale, caption_image=caption_image)
+        if simat is not None:
+            table[name].update(simat_evaluate(model, preprocess, tokenizer, args.simat_db, args.simat_domain,
+                                              args.simat_scales, args.batch_size, device, data=simat))
+        features[name] = (x[caption_image], y)  # per pair, for the figures
     os.makedirs(args.out, exist_ok=True)
     figures = {"sphere": os.path.join(args.out, "embeddings_on_circle.png"),
                "cosines": os.path.join(args.out, "cosine_histograms.png"),
@@ -67,44 +155,63 @@ def analyze(args) -> dict:
     if class_names is not None:
         keys.insert(0, "zero_shot_accuracy")
     plot_metric_bars(table, keys, figures["metrics"])
-    report = {"models": table, "data": args.data, "num_pairs": len(pairs), "figures": figures,
-              "model": args.model}
+    report = {"models": table, "data": args.data, "num_pairs": len(pairs), "num_images": num_images,
+              "retrieval_protocol": "grouped by image: i2t hit if any of the image's captions is within K; "
+                                    "geometry and label precision per pair",
+              "checkpoints": dict(zip(names, checkpoints)), "figures": figures, "model": args.model}
     with open(os.path.join(args.out, "analysis.json"), "w") as f:
         json.dump(report, f, indent=2)
-    names = list(table)
-    print(f"{'metric':34s}" + "".join(f"{n[-18:]:>20s}" for n in names))
-    for key in sorted(table[names[0]]):
-        print(f"{key:34s}" + "".join(f"{table[n][key]:20.4f}" for n in names))
+    print(f"{len(pairs)} captions of {num_images} images")
+    print(format_table(table))
     print(f"\nwrote {os.path.join(args.out, 'analysis.json')} and {len(figures)} figures")
     return report
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m2mix-analyze", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--model", required=True, help="OpenCLIP model name or local-dir:PATH.")
     parser.add_argument("--checkpoint", default=None, help="Checkpoint to load (training or bare state dict).")
     parser.add_argument("--pretrained", default=None, help="A pretrained tag already in the local cache.")
     parser.add_argument("--compare", nargs="+", default=None, metavar="CKPT", help="More checkpoints, side by side.")
+    parser.add_argument("--labels", nargs="+", default=None, metavar="NAME",
+                        help="Column names for the models, in order (default: short unique checkpoint names).")
     parser.add_argument("--data", required=True, help="CSV file or webdataset shards (brace pattern or glob).")
     parser.add_argument("--csv-img-key", default="filepath")
     parser.add_argument("--csv-caption-key", default="title")
     parser.add_argument("--csv-separator", default="\t")
+    parser.add_argument("--image-id-key", default=None,
+                        help="CSV column (or shard member extension) naming each row's image, to group its "
+                             "captions (default: the image path in a CSV, the image bytes in shards).")
     parser.add_argument("--label-key", default="label", help="CSV column of integer class labels (optional).")
     parser.add_argument("--class-names", default=None, help="Comma-separated names, or a file with one per line.")
     parser.add_argument("--templates", nargs="+", default=["a photo of a {c}."],
                         help="Zero-shot prompt templates; {c} is the class name.")
+    parser.add_argument("--simat-db", default=None, metavar="DIR",
+                        help="Also score SIMAT (embedding arithmetic) on the benchmark's simat_db folder.")
+    parser.add_argument("--simat-domain", default="dev", choices=["dev", "test"], help="SIMAT split (default dev).")
+    parser.add_argument("--simat-scales", type=float, nargs="+", default=list(DEFAULT_SCALES), metavar="S",
+                        help="SIMAT scales tried; the best is reported (default 0.5, 1.0, ..., 6.5).")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--limit", type=int, default=None, help="Use at most this many pairs.")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument("--debug", action="store_true", help="Show the full traceback of an error.")
     parser.add_argument("--out", required=True)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.checkpoint is None and args.pretrained is None and args.compare:
         parser.error("--compare needs --checkpoint or --pretrained for the first model")
     try:
         analyze(args)
-    except (FileNotFoundError, ValueError) as e:
-        parser.exit(2, f"m2mix-analyze: error: {e}\n")
+    except (OSError, ValueError, RuntimeError) as e:
+        if args.debug:
+            raise
+        print(f"m2mix-analyze: error: {e}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 2
     return 0
 
 

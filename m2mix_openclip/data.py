@@ -87,7 +87,8 @@ def _png_bytes(img: Image.Image) -> bytes:
 def write_dataset(out_dir: str, splits: Sequence[str] = SPLITS, limit: Optional[int] = None,
                   shard_size: int = 256, shifts: Sequence[str] = SHIFTS, size: int = 32) -> Dict[str, dict]:
     """Writes every split as CSV (tab-separated, ``filepath`` / ``title`` / ``label``) and as
-    webdataset shards (``png``, ``txt``, ``cls``), plus shifted copies of the test split.
+    webdataset shards (``png``, ``txt``, ``cls``), plus shifted copies of the test split (labelled
+    sets for ``--zeroshot-data``), and ``classnames.txt`` (one class name per line).
 
     Returns a manifest ``{split: {"csv", "shards", "num_samples", "num_shards"}}``, also written
     to ``out_dir/manifest.json``.
@@ -130,6 +131,8 @@ def write_dataset(out_dir: str, splits: Sequence[str] = SPLITS, limit: Optional[
         }
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
+    with open(os.path.join(out_dir, "classnames.txt"), "w") as f:  # for --zeroshot-classnames
+        f.write("\n".join(CLASS_NAMES) + "\n")
     return manifest
 
 

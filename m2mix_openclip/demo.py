@@ -92,7 +92,7 @@ def run_demo(args) -> dict:
     from tqdm import tqdm
     out = os.path.abspath(args.out)
     if os.path.exists(os.path.join(out, "logs")):
-        raise SystemExit(f"{out} already holds a demo run (logs/); choose a new --out or remove it")
+        raise FileExistsError(f"{out} already holds a demo run (logs/); choose a new --out or remove it")
     model_name = write_local_model(os.path.join(out, "model"))
     log = os.path.join(out, "training.log")
     start = time.time()
@@ -158,6 +158,9 @@ def run_demo(args) -> dict:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(format_table(table))
+    if getattr(args, "fast", False):
+        print("\n--fast: a smoke test of the pipeline (96 samples, 2 epochs): these numbers say nothing "
+              "about m²-Mix, accuracy can sit below chance; run without --fast for the real demo.")
     print(f"\nresults: {os.path.join(out, 'results.json')}\nfigures: {', '.join(figures.values())}\n"
           f"took {time.time() - start:.0f} s")
     return result
@@ -176,7 +179,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="m2mix-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="Output folder (must not hold an earlier run).")
-    parser.add_argument("--fast", action="store_true", help="A small, quick run (for tests and CI).")
+    parser.add_argument("--fast", action="store_true",
+                        help="A smoke test of the pipeline (for tests and CI); its numbers mean nothing.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -195,7 +199,10 @@ def main(argv=None):
         openclip_compat.device_arguments(args.device)
     except openclip_compat.UnsupportedOpenCLIP as e:
         parser.exit(2, f"m2mix-demo: error: {e}\n")
-    run_demo(args)
+    try:
+        run_demo(args)
+    except FileExistsError as e:
+        parser.exit(2, f"m2mix-demo: error: {e}\n")
     return 0
 
 

@@ -1,14 +1,23 @@
-"""Figures of embedding geometry (matplotlib, no display needed)."""
+"""Figures of embedding geometry (matplotlib, no display needed).
+
+Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly: importing this
+module changes no process-wide state (no ``matplotlib.use``, no pyplot figure registry)."""
 
 from __future__ import annotations
 
 from typing import Dict, Sequence, Tuple
 
-import matplotlib
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Circle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+
+def _figure(columns: int, width: float, height: float):
+    """A Figure on its own Agg canvas and its (1, columns) axes."""
+    fig = Figure(figsize=(width * columns, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, columns, squeeze=False)
 
 
 def gap_plane(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -34,7 +43,7 @@ def plot_sphere_projection(models: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
     direction and the main direction of spread, then put on the unit circle. Two separate arcs
     are the modality gap; the arrows are each modality's mean embedding (their length, at most 1,
     shows how concentrated the modality is: a narrow cone gives a long arrow)."""
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4.4), squeeze=False)
+    fig, axes = _figure(len(models), 4.2, 4.4)
     for ax, (name, (x, y)) in zip(axes[0], models.items()):
         basis = gap_plane(x, y)
         for feats, colour, label in ((x, "tab:blue", "image"), (y, "tab:orange", "text")):
@@ -45,7 +54,7 @@ def plot_sphere_projection(models: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
             ax.annotate("", xy=(m[0], m[1]), xytext=(0, 0),
                         arrowprops=dict(color=colour, width=2, headwidth=8))
         gap = (x.double().mean(0) - y.double().mean(0)).norm().item()
-        ax.add_patch(plt.Circle((0, 0), 1.0, fill=False, lw=0.5, color="grey"))
+        ax.add_patch(Circle((0, 0), 1.0, fill=False, lw=0.5, color="grey"))
         ax.set_title(f"{name}\nmodality gap {gap:.3f}")
         ax.set_xlim(-1.2, 1.2)
         ax.set_ylim(-1.2, 1.2)
@@ -57,13 +66,12 @@ def plot_sphere_projection(models: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
     fig.suptitle("Image and caption embeddings on the circle (gap plane, renormalised)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_cosine_histograms(models: Dict[str, Tuple[torch.Tensor, torch.Tensor]], path: str,
                            max_negatives: int = 200_000) -> None:
     """Histograms of positive (matching pair) and negative (non-matching) image-text cosines."""
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False, sharey=False)
+    fig, axes = _figure(len(models), 4.2, 3.4)
     gen = torch.Generator().manual_seed(0)
     for ax, (name, (x, y)) in zip(axes[0], models.items()):
         n = x.shape[0]
@@ -78,12 +86,11 @@ def plot_cosine_histograms(models: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_metric_bars(table: Dict[str, Dict[str, float]], keys: Sequence[str], path: str) -> None:
     """One bar group per metric, one bar per model."""
-    fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys), 3.2), squeeze=False)
+    fig, axes = _figure(len(keys), 2.6, 3.2)
     names = list(table)
     for ax, key in zip(axes[0], keys):
         ax.bar(range(len(names)), [table[n].get(key, float("nan")) for n in names],
@@ -93,4 +100,3 @@ def plot_metric_bars(table: Dict[str, Dict[str, float]], keys: Sequence[str], pa
         ax.set_title(key, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -145,12 +145,14 @@ def _open_image(image) -> Image.Image:
 
 @torch.no_grad()
 def zero_shot_classifier(model, tokenizer, class_names: Sequence[str], templates: Sequence[str],
-                         device="cpu", autocast=contextlib.nullcontext) -> torch.Tensor:
+                         device="cpu", autocast=contextlib.nullcontext, fill=None) -> torch.Tensor:
     """(C, D) float32 classifier: per class, the normalised mean of its normalised prompt embeddings
-    (CLIP's prompt ensembling). Templates use ``{c}`` for the class name."""
+    (CLIP's prompt ensembling). Templates use ``{c}`` for the class name; ``fill(template, index,
+    name)`` may fill them otherwise."""
+    fill = fill or (lambda template, index, name: template.replace("{c}", name))
     weights = []
-    for name in class_names:
-        prompts = [t.replace("{c}", name) for t in templates]
+    for index, name in enumerate(class_names):
+        prompts = [fill(t, index, name) for t in templates]
         with autocast():
             emb = model.encode_text(tokenizer(prompts).to(device))
         weights.append(F.normalize(F.normalize(emb.float(), dim=-1).mean(0), dim=-1))

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2mix_openclip.evaluation import embedding_arithmetic, expected_calibration_error, retrieval_metrics
+from m2mix_openclip.evaluation import (embedding_arithmetic, expected_calibration_error, grouped_retrieval,
+                                       retrieval_metrics)
 
 
 def test_ece_hand_worked():
@@ -42,3 +43,78 @@ def test_embedding_arithmetic_on_a_compositional_set():
     assert good["arithmetic_R@1"] > 0.9
     wrong = embedding_arithmetic(q, src, tgt[torch.randperm(len(triples), generator=g)], gallery, target, own, 2.0)
     assert wrong["arithmetic_R@1"] < 0.4
+
+
+def brute_force_grouped(image_features, text_features, caption_image, ks):
+    """Plain loops over the full matrix: the definition of multi-caption R@K."""
+    s = image_features @ text_features.T
+    out = {}
+    i2t_rank = []
+    for i in range(s.shape[0]):
+        positives = [t for t in range(s.shape[1]) if caption_image[t] == i]
+        best = max(s[i, t].item() for t in positives)
+        i2t_rank.append(sum(1 for t in range(s.shape[1]) if s[i, t].item() > best))
+    t2i_rank = []
+    for t in range(s.shape[1]):
+        own = s[caption_image[t], t].item()
+        t2i_rank.append(sum(1 for i in range(s.shape[0]) if s[i, t].item() > own))
+    for k in ks:
+        out[f"image_to_text_R@{k}"] = sum(r < k for r in i2t_rank) / len(i2t_rank)
+        out[f"text_to_image_R@{k}"] = sum(r < k for r in t2i_rank) / len(t2i_rank)
+    return out
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, None])
+def test_grouped_retrieval_matches_brute_force_with_ties_and_odd_chunks(chunk_size):
+    g = torch.Generator().manual_seed(1)
+    # coarse, unnormalised vectors on a small integer grid: many exactly tied scores
+    images = torch.randint(-1, 2, (11, 4), generator=g).float()
+    captions_per_image = torch.randint(1, 5, (11,), generator=g)
+    caption_image = torch.repeat_interleave(torch.arange(11), captions_per_image)
+    caption_image = caption_image[torch.randperm(len(caption_image), generator=g)]
+    texts = images[caption_image] + torch.randint(-1, 2, (len(caption_image), 4), generator=g).float()
+    s = images @ texts.T
+    assert len(s.unique()) < s.numel() / 4  # the ties are really there
+    ks = (1, 2, 5)
+    got = grouped_retrieval(images, texts, caption_image, ks=ks, chunk_size=chunk_size)
+    want = brute_force_grouped(images, texts, caption_image.tolist(), ks)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value), key
+
+
+def test_grouped_retrieval_counts_any_caption_of_the_image():
+    # image 0 has captions 0, 1, 2 (caption 2 is its best match); image 1 has caption 3, but
+    # captions 0 and 1 score higher with image 1 than caption 3 does
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    texts = torch.tensor([[0.1, 0.99], [0.1, 0.99], [1.0, 0.0], [0.0, 0.5]])
+    caption_image = torch.tensor([0, 0, 0, 1])
+    r = grouped_retrieval(images, texts, caption_image, ks=(1, 3), labels=torch.tensor([5, 5, 5, 6]))
+    assert r["image_to_text_R@1"] == pytest.approx(1 / 2) and r["image_to_text_R@3"] == 1.0
+    assert r["text_to_image_R@1"] == pytest.approx(2 / 4)  # captions 0 and 1 find image 1
+    # per pair: image 0 weighs 3 captions and its top caption has its label; image 1's does not
+    assert r["image_to_text_label_precision@1"] == pytest.approx(3 / 4)
+    assert r["text_to_image_label_precision@1"] == pytest.approx(2 / 4)
+    # exact-pair scoring of the same data counts only the row's own caption
+    assert retrieval_metrics(images[caption_image], texts, ks=(1,))["image_to_text_R@1"] == pytest.approx(1 / 4)
+
+
+def test_grouped_retrieval_errors():
+    x = torch.eye(3)
+    with pytest.raises(ValueError, match="have no caption"):
+        grouped_retrieval(x, x[:2], torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="different labels"):
+        grouped_retrieval(x[:1], x[:2], torch.tensor([0, 0]), labels=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="pass caption_image"):
+        retrieval_metrics(x[:1], x)
+
+
+def test_grouped_ece_is_top1_confidence_against_a_positive_top1():
+    images = F.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(3)), dim=1)
+    caption_image = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5, 5])
+    texts = F.normalize(images[caption_image] + 0.8 * torch.randn(9, 8, generator=torch.Generator().manual_seed(4)),
+                        dim=1)
+    r = grouped_retrieval(images, texts, caption_image, logit_scale=10.0)
+    probs = (10.0 * images @ texts.T).softmax(dim=1)
+    confidence, top = probs.max(dim=1)
+    want = expected_calibration_error(confidence, caption_image[top] == torch.arange(6))
+    assert r["image_to_text_ece"] == pytest.approx(want, abs=1e-6)

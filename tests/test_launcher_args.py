@@ -16,29 +16,51 @@ def error_of(capsys, *argv):
 def test_registry_lists_and_rejects():
     assert {"clip", "m2mix"} <= set(registry.available_losses())
     assert "geometry" in registry.available_eval_metrics()
-    with pytest.raises(ValueError, match="registered losses.*clip.*m2mix"):
+    assert "zeroshot" in registry.available(registry.EVAL_HOOKS_GROUP)
+    with pytest.raises(registry.PluginError, match="unknown plugin 'm3mix'.*'open_clip.losses': .*clip, m2mix"):
         registry.get_loss("m3mix")
-    with pytest.raises(ValueError, match="registered metrics.*geometry"):
+    with pytest.raises(registry.PluginError, match="'open_clip.eval_metrics': .*geometry"):
         registry.get_eval_metric("nope")
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--loss", "m3mix"], "unknown loss 'm3mix'; registered losses"),
-    (["--loss", "m2mix", "--siglip"], "cannot be combined with --siglip"),
-    (["--loss", "m2mix", "--distill-model", "ViT-B-32", "--distill-pretrained", "openai"], "distillation"),
-    (["--loss", "m2mix", "--model", "coca_ViT-B-32"], "CoCa"),
-    (["--loss", "m2mix", "--m2mix-weight", "-1"], "--m2mix-weight: must be a finite number >= 0"),
-    (["--loss", "m2mix", "--m2mix-alpha", "0"], "--m2mix-alpha: must be a finite number > 0"),
-    (["--loss", "m2mix", "--m2mix-temperature", "0"], "--m2mix-temperature"),
+    (["--loss", "m3mix"], "unknown plugin 'm3mix'; registered in entry-point group 'open_clip.losses'"),
+    (["--loss", "m2mix", "--siglip", "--vmix-weight", "0.1"],
+     "--vmix-weight cannot be combined with --siglip: V-Mix, L-Mix and VL-Mix are soft-target softmax terms"),
+    (["--loss", "m2mix", "--siglip", "--lmix-weight", "0.1", "--vlmix-weight", "0.1"],
+     "--lmix-weight, --vlmix-weight cannot be combined with --siglip"),
+    (["--loss", "m2mix", "--siglip", "--horovod"], "does not support --horovod"),
+    (["--loss", "m2mix", "--m2mix-weight", "-1"], "argument --m2mix-weight: a weight must be >= 0"),
+    (["--loss", "m2mix", "--m2mix-alpha", "0"], "argument --m2mix-alpha: must be > 0, got '0'"),
+    (["--loss", "m2mix", "--m2mix-temperature", "hot"],
+     "argument --m2mix-temperature: expected a temperature > 0 (e.g. 0.07) or 'learned'"),
+    (["--loss", "m2mix", "--unimix-temperature", "0"], "argument --unimix-temperature: expected a temperature"),
     (["--loss", "m2mix", "--mix-schedule", "cosine"], "invalid choice: 'cosine'"),
     (["--loss", "m2mix", "--m2mix-weight", "0"], "every mixing weight at 0"),
     (["--loss", "clip", "--m2mix-weight", "0.1"], "--m2mix-weight belongs to --loss m2mix, but --loss is clip"),
-    (["--loss", "m2mix", "--m2mix-w", "0.1"], "unrecognized arguments: --m2mix-w"),
-    (["--loss", "m2mix", "--lr-sched", "cosine"], "unrecognized arguments: --lr-sched"),
-    (["--eval-metrics", "nope"], "unknown eval metric 'nope'"),
+    (["--loss", "m2mix", "--m2mix-wieght", "0.1"], "--m2mix-wieght (did you mean --m2mix-weight?)"),
+    (["--loss", "m2mix", "--lr-sched", "cosine"], "unrecognized arguments: --lr-sched (did you mean --lr-scheduler?)"),
+    (["--eval-metrics", "nope"], "unknown plugin 'nope'"),
 ])
-def test_bad_flags_are_argparse_errors(capsys, argv, message):
-    assert message in error_of(capsys, *argv)
+def test_bad_flags_are_one_line_errors(capsys, argv, message):
+    err = error_of(capsys, *argv)
+    assert message in err
+    assert len(err.strip().splitlines()) == 2 and "usage:" not in err  # the error and a pointer to --help
+    assert "_temperature" not in err and "function" not in err
+
+
+def test_batch_of_one_stops_before_training(capsys, tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"x")
+    data = tmp_path / "t.csv"
+    data.write_text(f"filepath\ttitle\n{image}\tcap\n")
+    err = error_of(capsys, "--loss", "m2mix", "--train-data", str(data), "--batch-size", "1")
+    assert "--batch-size 1" in err and "at least 2" in err
+
+
+def test_missing_train_data_is_one_line(capsys, tmp_path):
+    err = error_of(capsys, "--train-data", str(tmp_path / "nope.csv"))
+    assert f"--train-data {tmp_path / 'nope.csv'}: file not found" in err
 
 
 def test_help_lists_openclip_and_plugin_flags(capsys):
@@ -52,7 +74,16 @@ def test_help_lists_openclip_and_plugin_flags(capsys):
         assert flag in out, flag
 
 
-def test_lambda_logger_writes_tensorboard_and_wandb_at_openclip_steps(monkeypatch):
+def test_help_shows_plugin_flags_first(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    entries = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]  # past the usage line
+    assert entries.index("--loss") < entries.index("--m2mix-weight") < entries.index("--train-data")
+    assert entries.index("--zeroshot-data") < entries.index("--train-data")
+
+
+def test_step_logger_logs_loss_scalars_once_per_openclip_logging_step(monkeypatch):
     import sys
     import types
     from argparse import Namespace
@@ -61,7 +92,7 @@ def test_lambda_logger_writes_tensorboard_and_wandb_at_openclip_steps(monkeypatc
     import torch.nn.functional as F
 
     from m2mix_openclip import M2MixLoss
-    from m2mix_openclip.integration.launcher import LambdaLogger
+    from m2mix_openclip.integration.launcher import StepLogger
 
     class Writer:
         def __init__(self):
@@ -74,14 +105,21 @@ def test_lambda_logger_writes_tensorboard_and_wandb_at_openclip_steps(monkeypatc
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(log=lambda data, step: logged.append((data, step))))
     loss = M2MixLoss(vmix_weight=0.1)
     writer = Writer()
-    args = Namespace(accum_freq=2, rank=0, log_every_n_steps=2, wandb=True)
-    wrapped = LambdaLogger(loss, epoch=1, num_batches_per_epoch=3, args=args, tb_writer=writer)
+    proxy = StepLogger(writer, loss, epoch=1, args=Namespace(wandb=True))
     x = F.normalize(torch.randn(4, 8), dim=1)
-    lambdas = []
-    for _ in range(6):  # 3 optimizer steps of 2 micro-batches
-        wrapped(x, x.roll(1, 0), torch.tensor(10.0), output_dict=True)
-        lambdas.append(dict(loss.last_lambdas))
-    # steps 3 (i_accum 0) and 5 (i_accum 2, the last) are logged, with the last micro-batch's lambdas
-    assert [s for n, _, s in writer.scalars if n == "train/m2mix_lambda"] == [3, 5]
-    assert ("train/vmix_lambda", lambdas[1]["vmix"], 3) in writer.scalars
-    assert [step for _, step in logged] == [3, 5] and logged[1][0]["train/m2mix_lambda"] == lambdas[5]["m2mix"]
+    seen = {}
+    for step in (3, 4, 5):
+        loss(x, x.roll(1, 0), torch.tensor(10.0))
+        seen[step] = dict(loss.last_lambdas)
+        if step != 4:  # OpenCLIP logs steps 3 and 5 only, several scalars each
+            proxy.add_scalar("train/loss", 1.0, step)
+            proxy.add_scalar("train/lr", 0.1, step)
+    ours = [(n, v, s) for n, v, s in writer.scalars if n == "train/m2mix_lambda"]
+    assert ours == [("train/m2mix_lambda", seen[3]["m2mix"], 3), ("train/m2mix_lambda", seen[5]["m2mix"], 5)]
+    assert ("train/vmix_lambda", seen[3]["vmix"], 3) in writer.scalars
+    assert ("train/nonfinite_steps", 0.0, 5) in writer.scalars
+    assert [step for _, step in logged] == [3, 5] and logged[1][0]["train/m2mix_lambda"] == seen[5]["m2mix"]
+    # without --report-to tensorboard OpenCLIP gets a writer that swallows, and ours still logs to wandb
+    quiet = StepLogger(None, loss, epoch=1, args=Namespace(wandb=True))
+    quiet.add_scalar("train/loss", 1.0, 7)
+    assert logged[-1][1] == 7

@@ -4,13 +4,14 @@ import os
 import shutil
 import subprocess
 import sys
+import socket
 import textwrap
 
 import pytest
 
 from m2mix_openclip.data import write_dataset
 from trainer_utils import (GEOMETRY_KEYS, common_args, csv_args, launcher, logged_lambdas, logged_losses,
-                           read_log, results, run, write_tiny_model)
+                           logged_scalars, read_log, results, run, write_tiny_model)
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,6 +23,12 @@ def env(tmp_path_factory):
     base = tmp_path_factory.mktemp("train")
     data = write_dataset(str(base / "data"), splits=("pretrain", "test"), limit=48, shard_size=24, shifts=())
     return {"data": data, "model": write_tiny_model(str(base / "model")), "logs": base / "logs", "base": base}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def assert_m2mix_run(env, name, epochs=2):
@@ -39,8 +46,10 @@ def test_m2mix_on_csv(env):
     launcher(*common_args(env["model"], env["logs"], "csv"), *csv_args(env["data"]), "--loss", "m2mix")
     log = assert_m2mix_run(env, "csv")
     # inverse-epoch schedule: epoch 1's factor is 1/2
-    assert "schedule factor 0.5000" in log
-    assert os.path.exists(env["logs"] / "csv" / "checkpoints" / "loss_state_epoch_2.pth")
+    assert "mix_schedule_factor=0.5" in log and "nonfinite_steps=0" in log
+    import torch
+    checkpoint = torch.load(env["logs"] / "csv" / "checkpoints" / "epoch_2.pt", map_location="cpu", weights_only=False)
+    assert "generator_state" in checkpoint["loss"]["_extra_state"]
 
 
 def test_m2mix_on_webdataset_brace_pattern(env):
@@ -68,7 +77,20 @@ def test_accum_freq_2(env):
     launcher(*common_args(env["model"], env["logs"], "accum", epochs=1, batch=8), *csv_args(env["data"]),
              "--loss", "m2mix", "--accum-freq", "2", "--vmix-weight", "0.1")
     log = read_log(env["logs"], "accum")
-    assert "M2mix_loss" in log and "Vmix_loss" in log and "vmix=" in log
+    assert "M2mix_loss" in log and "Vmix_loss" in log
+    # 48 samples, micro-batches of 8, 2 per optimizer step: 3 steps, each logged, one lambda per step,
+    # the seeded generator's sequence (m2mix's lambda, then vmix's, every step)
+    from m2mix_openclip.mixup import sample_beta
+    import torch
+    scalars = logged_scalars(log)
+    g = torch.Generator().manual_seed(0)
+    expected = []
+    for _ in range(3):
+        expected.append((sample_beta(0.5, 0.5, g), sample_beta(0.5, 0.5, g)))
+    assert len(scalars) == 3
+    for got, (m2mix, vmix) in zip(scalars, expected):
+        assert got["m2mix_lambda"] == pytest.approx(m2mix, rel=1e-3, abs=1e-4)
+        assert got["vmix_lambda"] == pytest.approx(vmix, rel=1e-3, abs=1e-4)
 
 
 def test_resume_latest_continues_the_lambda_sequence(env):
@@ -90,14 +112,17 @@ def test_torchrun_two_cpu_processes_local_loss_gather_with_grad(env):
     torch.save(open_clip.create_model(env["model"]).state_dict(), bare)
     args = common_args(env["model"], env["logs"], "ddp", epochs=1, batch=8) + csv_args(env["data"])
     args += ["--resume", str(bare)]
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "m2mix_openclip.train", "--", *args, "--loss", "m2mix", "--local-loss", "--gather-with-grad"])
     log = read_log(env["logs"], "ddp")
     assert "total 2" in log and "M2mix_loss" in log and f"loaded checkpoint '{bare}'" in log
     assert GEOMETRY_KEYS <= set(results(env["logs"], "ddp")[0])
 
 
-def test_patch_applies_to_the_installed_wheel_and_trains(env):
+@pytest.fixture(scope="module")
+def patched(env):
+    """A copy of the installed OpenCLIP trainer with patches/open_clip_v3.3.0-loss-plugins.patch,
+    first on PYTHONPATH."""
     import open_clip_train
     src = env["base"] / "patched" / "src"
     shutil.copytree(os.path.dirname(open_clip_train.__file__), src / "open_clip_train",
@@ -105,19 +130,42 @@ def test_patch_applies_to_the_installed_wheel_and_trains(env):
     root = src.parent
     subprocess.run(["patch", "-p1", "--dry-run", "-i", PATCH], cwd=root, check=True, capture_output=True)
     subprocess.run(["patch", "-p1", "-i", PATCH], cwd=root, check=True, capture_output=True)
-    env_extra = {"PYTHONPATH": str(src)}
-    args = common_args(env["model"], env["logs"], "patched", epochs=2) + csv_args(env["data"])
-    run([sys.executable, "-m", "open_clip_train.main", *args, "--loss", "m2mix"], env_extra=env_extra)
-    log = read_log(env["logs"], "patched")
+    return {"PYTHONPATH": str(src)}
+
+
+@pytest.mark.parametrize("path", ["launcher", "patch"])
+def test_launcher_and_patch_behave_alike(env, patched, path):
+    """One protocol, two paths: the same loss terms, loss scalars at the same steps with the same
+    names, geometry and zero-shot figures, and the loss state inside the checkpoint."""
+    import torch
+    name = f"alike-{path}"
+    d = env["data"]
+    args = common_args(env["model"], env["logs"], name, epochs=2) + csv_args(d) + [
+        "--loss", "m2mix", "--zeroshot-data", f"clean={d['test']['csv']}", "--zeroshot-classnames",
+        "zero,one,two,three,four,five,six,seven,eight,nine", "--zeroshot-templates", "the number {c}"]
+    if path == "launcher":
+        launcher(*args)
+    else:
+        run([sys.executable, "-m", "open_clip_train.main", *args], env_extra=patched)
+    log = read_log(env["logs"], name)
     assert "M2mix_loss" in log
-    rows = results(env["logs"], "patched")
-    assert len(rows) == 2 and all(GEOMETRY_KEYS <= set(r) for r in rows)
-    # the abbreviation trap is closed, and guard rails are argparse errors
-    bad = run([sys.executable, "-m", "open_clip_train.main", "--loss-dist", "x"], env_extra=env_extra, check=False)
+    scalars = logged_scalars(log)
+    assert len(scalars) == 6 and set(scalars[0]) == {"m2mix_lambda", "mix_schedule_factor", "nonfinite_steps"}
+    rows = results(env["logs"], name)
+    assert len(rows) == 2 and all(GEOMETRY_KEYS <= set(r) and "clean-zeroshot-top1" in r for r in rows)
+    checkpoint = torch.load(env["logs"] / name / "checkpoints" / "epoch_2.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["loss"]["_extra_state"]["epoch"] == 1
+    if path == "patch":  # the same numbers as the launcher's run, which ran first
+        assert logged_scalars(read_log(env["logs"], "alike-launcher")) == scalars
+        assert logged_losses(read_log(env["logs"], "alike-launcher")) == logged_losses(log)
+
+
+def test_patched_openclip_closes_the_abbreviation_trap(patched):
+    bad = run([sys.executable, "-m", "open_clip_train.main", "--loss-dist", "x"], env_extra=patched, check=False)
     assert bad.returncode == 2 and "unrecognized arguments: --loss-dist" in bad.stderr
-    bad = run([sys.executable, "-m", "open_clip_train.main", "--loss", "m2mix", "--siglip"], env_extra=env_extra,
-              check=False)
-    assert bad.returncode == 2 and "--siglip" in bad.stderr
+    bad = run([sys.executable, "-m", "open_clip_train.main", "--loss", "m2mix", "--siglip", "--vmix-weight", "0.1"],
+              env_extra=patched, check=False)
+    assert bad.returncode == 2 and "cannot be combined with --siglip" in bad.stderr
 
 
 def test_loss_from_a_second_installed_distribution(env, tmp_path):
@@ -138,11 +186,37 @@ def test_loss_from_a_second_installed_distribution(env, tmp_path):
 
         PLUGIN = LossPlugin(build=lambda args: HalfClip(), description="half of ClipLoss")
     """))
+    # a second distribution whose plugin cannot be imported, and that registers "m2mix" again
+    (site / "broken_plugin-0.2.dist-info").mkdir()
+    (site / "broken_plugin-0.2.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.2\n")
+    (site / "broken_plugin-0.2.dist-info" / "entry_points.txt").write_text(
+        "[open_clip.losses]\nbroken = broken_plugin:PLUGIN\nm2mix = broken_plugin:PLUGIN\n")
+    (site / "broken_plugin.py").write_text("raise ImportError('needs a package that is not installed')\n")
     env_extra = {"PYTHONPATH": str(site)}
     probe = run([sys.executable, "-c", "from m2mix_openclip.integration import registry as r; "
-                 "print(r.available_losses()); print(type(r.get_loss('half_clip')(None)).__name__)"],
+                 "print(r.available_losses()); print(type(r.get_loss('half_clip')(None)).__name__); "
+                 "print(r.duplicates(r.LOSS_GROUP))"],
                 env_extra=env_extra)
-    assert "'half_clip'" in probe.stdout and "HalfClip" in probe.stdout
+    assert "'half_clip'" in probe.stdout and "HalfClip" in probe.stdout and "'broken'" in probe.stdout
+    assert "name 'm2mix' is registered by m2mix-openclip" in probe.stdout and "and by broken-plugin 0.2" in probe.stdout
+    helped = launcher("--help", env_extra=env_extra)
+    assert "--m2mix-weight" in helped.stdout
+    assert "--loss broken: unavailable: plugin 'broken' (broken_plugin:PLUGIN, from broken-plugin 0.2) failed to " \
+           "import: ImportError: needs a package that is not installed" in " ".join(helped.stdout.split())
+    chosen = launcher("--loss", "broken", env_extra=env_extra, check=False)
+    assert chosen.returncode == 2
+    assert "plugin 'broken' (broken_plugin:PLUGIN, from broken-plugin 0.2) failed to import" in chosen.stderr
     launcher(*common_args(env["model"], env["logs"], "plugin", epochs=1), *csv_args(env["data"]),
              "--loss", "half_clip", env_extra=env_extra)
     assert "Half_contrastive_loss" in read_log(env["logs"], "plugin")
+
+
+def test_loss_state_lives_in_the_checkpoints_that_remain(env):
+    import torch
+    launcher(*common_args(env["model"], env["logs"], "keep-last", epochs=3), *csv_args(env["data"]),
+             "--loss", "m2mix", "--delete-previous-checkpoint", "--val-frequency", "0")
+    folder = env["logs"] / "keep-last" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir() if p.suffix in (".pt", ".pth")) == ["epoch_3.pt"]
+    state = torch.load(folder / "epoch_3.pt", map_location="cpu", weights_only=False)
+    assert state["loss"]["_extra_state"]["epoch"] == 2

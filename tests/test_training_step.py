@@ -145,11 +145,12 @@ def _nan_worker(rank, port, out_dir, local_loss):
         x = x.clone()
         x[0, 0] = float("nan")
     x.requires_grad_()
+    start = time.monotonic()
     total = loss_fn(x, y, torch.tensor(10.0))
     total.backward()
-    results.append(float(total))
+    results.append(float(total.detach()))
     dist.barrier()  # every rank reaches the next collective
-    torch.save({"losses": results, "grad_finite": bool(torch.isfinite(x.grad).all())},
+    torch.save({"losses": results, "seconds": time.monotonic() - start},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -162,11 +163,10 @@ def _free_port():
 
 @pytest.mark.parametrize("local_loss", [False, True])
 def test_nan_on_one_rank_leaves_no_rank_behind(tmp_path, local_loss):
-    start = time.monotonic()
     mp.spawn(_nan_worker, args=(_free_port(), str(tmp_path), local_loss), nprocs=WORLD, join=True)
-    assert time.monotonic() - start < 30
     for rank in range(WORLD):
         out = torch.load(tmp_path / f"rank{rank}.pt")
+        assert out["seconds"] < 30, "the NaN step and the next collective take seconds, not a timeout"
         first, second = out["losses"]
         assert torch.isfinite(torch.tensor(first)), rank
         assert not torch.isfinite(torch.tensor(second)), rank  # the NaN reaches every rank's loss

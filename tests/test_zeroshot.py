@@ -134,3 +134,9 @@ def test_hook_equals_an_independent_computation(digits, tmp_path):
             hits += int(int((classifier @ x).argmax()) == label)
     assert out["clean-zeroshot-top1"] == pytest.approx(hits / len(rows.images), abs=1e-6)
     assert all(0.0 <= v <= 1.0 for v in out.values())
+
+
+def test_m2mix_data_writes_the_class_names(digits):
+    import os
+    folder = os.path.dirname(digits["test"]["csv"])
+    assert parse_class_names(os.path.join(folder, "classnames.txt")) == CLASS_NAMES

@@ -45,13 +45,25 @@ def independent_top1(model_name, checkpoint, data_csv):
     return hits / len(labelled.images)
 
 
-def test_two_sets_tracked_at_every_evaluation(env):
+def test_two_sets_tracked_at_every_evaluation(env, tmp_path):
     d = env["data"]
+    # an evaluation hook from a second installed distribution: a plain function is enough
+    site = tmp_path / "site"
+    (site / "scale_hook-0.1.dist-info").mkdir(parents=True)
+    (site / "scale_hook-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: scale-hook\nVersion: 0.1\n")
+    (site / "scale_hook-0.1.dist-info" / "entry_points.txt").write_text(
+        "[open_clip.eval_hooks]\nscale = scale_hook:hook\n")
+    (site / "scale_hook.py").write_text(
+        "def hook(model, tokenizer, preprocess, epoch, args):\n"
+        "    model = getattr(model, 'module', model)\n"
+        "    return {'hook-logit-scale': float(model.logit_scale.exp()), 'hook-epoch': float(epoch)}\n")
     launcher(*common_args(env["model"], env["logs"], "zs", epochs=2), *csv_args(d), "--loss", "m2mix",
              "--zeroshot-data", f"clean={d['test']['csv']}", "--zeroshot-data", f"rot={d['test-rotate']['shards']}",
-             "--zeroshot-classnames", env["names"], "--zeroshot-templates", ";".join(TEMPLATES))
+             "--zeroshot-classnames", env["names"], "--zeroshot-templates", ";".join(TEMPLATES),
+             env_extra={"PYTHONPATH": str(site)})
     rows = results(env["logs"], "zs")
     assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["hook-epoch"] for r in rows] == [1.0, 2.0] and all(r["hook-logit-scale"] > 1 for r in rows)
     for row in rows:
         for key in ("clean-zeroshot-top1", "clean-zeroshot-top5", "clean-zeroshot-ece",
                     "rot-zeroshot-top1", "rot-zeroshot-top5", "rot-zeroshot-ece"):

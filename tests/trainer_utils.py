@@ -55,5 +55,11 @@ def logged_losses(text, key="Contrastive_loss"):
     return [float(v) for v in re.findall(rf"{key}: ([0-9.eE+-]+) \(", text)]
 
 
+def logged_scalars(text):
+    """The loss's scalars at every logging step, as the launcher and the patch log them."""
+    return [dict((k, float(v)) for k, v in re.findall(r"(\w+)=([0-9.eE+-]+)", line))
+            for line in re.findall(r"loss scalars: (.*)", text)]
+
+
 def logged_lambdas(text):
-    return [float(v) for v in re.findall(r"mixing lambda: m2mix=([0-9.]+)", text)]
+    return [s["m2mix_lambda"] for s in logged_scalars(text)]

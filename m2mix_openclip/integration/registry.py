@@ -1,37 +1,64 @@
-"""One registry for losses and evaluation metrics, filled from Python entry points.
+"""The plugin protocol, and one registry for it filled from Python entry points.
 
 Any installed distribution can add to it by declaring, in its pyproject.toml::
 
     [project.entry-points."open_clip.losses"]
-    my_loss = "my_package.plugin:MY_LOSS"           # a LossPlugin (or any object with build/add_arguments)
+    my_loss = "my_package.plugin:MY_LOSS"           # a LossPlugin
 
     [project.entry-points."open_clip.eval_metrics"]
     my_metrics = "my_package.plugin:my_metrics"     # fn(image_features, text_features) -> dict[str, float]
+
+    [project.entry-points."open_clip.eval_hooks"]
+    my_hook = "my_package.plugin:MY_HOOK"           # an EvalHook (sees the model)
+
+**A loss plugin** (``LossPlugin``) provides ``build(args) -> nn.Module`` from OpenCLIP's parsed
+arguments, optionally ``add_arguments(parser)`` (its own flags, added when it is chosen and for
+``--help``) and ``validate(args) -> Optional[str]`` (an argparse error for flags that do not fit).
+The built loss is called as ``loss(**model_out, output_dict=True)`` and returns a dict of scalar
+tensors, every one of which the trainer adds to the loss. It MAY also offer:
+
+- ``set_epoch(epoch)``: called before each epoch (counted from 0);
+- ``state_dict()`` / ``load_state_dict()``: its state (a lambda generator, say), saved in each
+  OpenCLIP checkpoint under ``"loss"`` and restored by ``--resume``;
+- ``logged_scalars() -> dict[str, float]``: called on rank 0 at OpenCLIP's logging steps only (it
+  may read the device there and nowhere else); each value is logged as ``train/<key>`` to
+  tensorboard and wandb and on one console line.
+
+**An evaluation metric** is ``fn(image_features, text_features) -> dict[str, float]`` on the
+validation features, added to every evaluation. **An evaluation hook** (``EvalHook``) sees the
+model: ``run(model, tokenizer, preprocess, epoch, args) -> dict[str, float]`` at every OpenCLIP
+evaluation on the rank that evaluates, with optional ``add_arguments`` and ``validate`` as for
+losses. Keys must not clash with OpenCLIP's own (an error names the clash).
+
+Listing names reads entry-point metadata only; a plugin is imported when it is used. One that
+fails to import breaks nothing else: it is listed with its error, and choosing it raises an
+error naming the plugin and its distribution. Two distributions registering one name is
+reported (the first found is used, as ``importlib.metadata`` lists them).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from importlib.metadata import entry_points
-from typing import Callable, Dict, Optional
+from importlib.metadata import EntryPoint, entry_points
+from typing import Callable, Dict, List, Optional, Tuple
+
+__all__ = ["LOSS_GROUP", "EVAL_METRICS_GROUP", "EVAL_HOOKS_GROUP", "LossPlugin", "EvalHook", "PluginError",
+           "available", "load", "available_losses", "available_eval_metrics", "get_loss", "get_eval_metric",
+           "duplicates"]
 
 LOSS_GROUP = "open_clip.losses"
 EVAL_METRICS_GROUP = "open_clip.eval_metrics"
+EVAL_HOOKS_GROUP = "open_clip.eval_hooks"
+
+
+class PluginError(ValueError):
+    """An unknown plugin name, or a plugin that cannot be loaded; the message names it."""
 
 
 @dataclass(frozen=True)
 class LossPlugin:
-    """A loss that OpenCLIP's trainer can build by name (``--loss NAME``).
-
-    Attributes:
-        build: ``build(args) -> nn.Module`` from OpenCLIP's parsed arguments. The module is
-            called as ``loss(**model_out, output_dict=True)`` and must return a dict of
-            scalar tensors, every one of which the trainer adds to the loss.
-        add_arguments: ``add_arguments(parser_or_group)`` adds the loss's own flags.
-        validate: ``validate(args) -> Optional[str]``, an error message for flags that do not
-            fit together (reported as an argparse error), or None.
-        description: one line for ``--help``.
-    """
+    """A loss that OpenCLIP's trainer can build by name (``--loss NAME``); see the module docstring."""
 
     build: Callable
     add_arguments: Optional[Callable] = None
@@ -42,44 +69,92 @@ class LossPlugin:
         return self.build(args)
 
 
-def _load(group: str) -> Dict[str, object]:
-    found = {}
+@dataclass(frozen=True)
+class EvalHook:
+    """A metric computed with the model at every evaluation; see the module docstring."""
+
+    run: Callable
+    add_arguments: Optional[Callable] = None
+    validate: Optional[Callable] = None
+    description: str = ""
+
+    def __call__(self, model, tokenizer, preprocess, epoch, args) -> Dict[str, float]:
+        return self.run(model, tokenizer, preprocess, epoch, args)
+
+
+def _distribution(ep: EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{dist.metadata['Name']} {dist.version}" if dist is not None else "an unknown distribution"
+
+
+def _scan(group: str) -> Tuple[Dict[str, EntryPoint], List[Tuple[str, str, str]]]:
+    found: Dict[str, EntryPoint] = {}
+    clashes = []
     for ep in entry_points(group=group):
         if ep.name in found:
-            continue  # the first installed distribution wins, as importlib.metadata lists them
+            if _distribution(found[ep.name]) != _distribution(ep) or found[ep.name].value != ep.value:
+                clashes.append((ep.name, _distribution(found[ep.name]), _distribution(ep)))
+            continue
         found[ep.name] = ep
-    return found
+    return found, clashes
 
 
-def available_losses():
-    """Names of every registered loss, sorted."""
-    return sorted(_load(LOSS_GROUP))
+def available(group: str) -> List[str]:
+    """Registered names in ``group``, sorted; reads metadata only, imports nothing."""
+    return sorted(_scan(group)[0])
 
 
-def available_eval_metrics():
-    """Names of every registered evaluation-metric function, sorted."""
-    return sorted(_load(EVAL_METRICS_GROUP))
+def duplicates(group: str) -> List[str]:
+    """One line per name that two distributions register in ``group``."""
+    return [f"{group} name {name!r} is registered by {first} and by {second}; {first} is used"
+            for name, first, second in _scan(group)[1]]
 
 
-def _resolve(group: str, name: str, kind: str, kinds: str):
-    eps = _load(group)
-    if name not in eps:
-        raise ValueError(
-            f"unknown {kind} {name!r}; registered {kinds} (entry-point group {group!r}): "
-            f"{', '.join(sorted(eps)) or 'none'}"
-        )
-    return eps[name]
+_reported = set()
+
+
+def load(group: str, name: str):
+    """Imports the plugin registered as ``name``; an unknown name lists the known ones, and an import
+    failure names the plugin, its distribution and the error."""
+    found, _ = _scan(group)
+    for line in duplicates(group):
+        if line not in _reported:
+            _reported.add(line)
+            logging.warning(line)
+    if name not in found:
+        raise PluginError(f"unknown plugin {name!r}; registered in entry-point group {group!r}: "
+                          f"{', '.join(sorted(found)) or 'none'}")
+    ep = found[name]
+    try:
+        return ep.load()
+    except Exception as e:  # a broken third-party plugin must not look like ours
+        raise PluginError(f"plugin {name!r} ({ep.value}, from {_distribution(ep)}) failed to import: "
+                          f"{type(e).__name__}: {e}") from e
+
+
+def try_load(group: str, name: str):
+    """(plugin, None), or (None, error message) for one that cannot be loaded."""
+    try:
+        return load(group, name), None
+    except PluginError as e:
+        return None, str(e)
+
+
+def available_losses() -> List[str]:
+    return available(LOSS_GROUP)
+
+
+def available_eval_metrics() -> List[str]:
+    return available(EVAL_METRICS_GROUP)
 
 
 def get_loss(name: str) -> LossPlugin:
-    """The loss plugin registered as ``name``; an unknown name lists the known ones."""
-    entry_point = _resolve(LOSS_GROUP, name, "loss", "losses")
-    plugin = entry_point.load()
+    """The loss plugin registered as ``name``."""
+    plugin = load(LOSS_GROUP, name)
     if not callable(plugin):
-        raise TypeError(f"loss entry point {name!r} ({entry_point.value}) is not callable")
+        raise PluginError(f"loss plugin {name!r} is a {type(plugin).__name__}, not a LossPlugin or a callable")
     return plugin
 
 
 def get_eval_metric(name: str) -> Callable:
-    """The evaluation-metric function registered as ``name``; an unknown name lists the known ones."""
-    return _resolve(EVAL_METRICS_GROUP, name, "eval metric", "metrics").load()
+    return load(EVAL_METRICS_GROUP, name)

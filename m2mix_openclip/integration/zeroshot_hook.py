@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .registry import EvalHook
 from ..zeroshot import (LabelledSet, load_labelled_set, parse_class_names, parse_templates,
                         zero_shot_classifier, zero_shot_logits, zero_shot_scores)
 
@@ -125,3 +126,7 @@ def metric_names(args) -> List[str]:
     """The keys the hook will return for ``args`` (for clash checks before training)."""
     sets = getattr(args, "zeroshot_data", None) or []
     return [f"{name}-zeroshot-{k}" for name, _ in sets for k in ("top1", "top5", "ece")]
+
+
+ZEROSHOT_HOOK = EvalHook(run=zeroshot_metrics, add_arguments=add_arguments, validate=validate,
+                         description="zero-shot top-1/top-5/ECE on --zeroshot-data sets")

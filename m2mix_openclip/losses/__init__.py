@@ -2,10 +2,15 @@
 
 - :mod:`.terms`: the formulas, as pure functions (tensors in, a scalar out);
 - :mod:`.mixing`: the state every family shares (lambda generator, schedule, per-step draws);
-- :mod:`.clip`: ``M2MixLoss``, for OpenCLIP's ``ClipLoss``.
+- :mod:`.clip`: ``M2MixLoss``, for OpenCLIP's ``ClipLoss`` (and the softmax mixing shared with
+  :mod:`.coca`: ``M2MixCoCaLoss`` and :mod:`.distill`: ``M2MixDistillLoss``);
+- :mod:`.siglip`: ``M2MixSigLipLoss``, for OpenCLIP's ``SigLipLoss`` (mixes as sigmoid negatives).
 """
 
 from .clip import M2MixLoss
+from .coca import M2MixCoCaLoss
+from .distill import M2MixDistillLoss
+from .siglip import M2MixSigLipLoss
 from .mixing import MIX_PAIRINGS, MIX_SCHEDULES
 
-__all__ = ["M2MixLoss", "MIX_SCHEDULES", "MIX_PAIRINGS"]
+__all__ = ["M2MixLoss", "M2MixSigLipLoss", "M2MixCoCaLoss", "M2MixDistillLoss", "MIX_SCHEDULES", "MIX_PAIRINGS"]

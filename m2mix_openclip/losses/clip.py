@@ -7,19 +7,134 @@ multi-process batches. The formulas are in :mod:`.terms`, the per-step state in 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 from open_clip.loss import ClipLoss, gather_features
 
 from ..mixup import compute_dtype, mix_unit_rows
-from .mixing import MixingStateMixin, check_alpha, check_temperature, check_weight
+from .mixing import MixingStateMixin
 from .terms import clip_contrastive_term, m2mix_softmax_term, mix_target_rows, unimodal_mix_term
 
-__all__ = ["M2MixLoss"]
+__all__ = ["M2MixLoss", "SoftmaxMixingMixin", "BatchRows"]
 
 
-class M2MixLoss(MixingStateMixin, ClipLoss):
+class BatchRows(NamedTuple):
+    """What one process sees of the global batch: ``R`` anchor rows, ``G`` columns."""
+
+    image_rows: torch.Tensor  # (R, D)
+    text_rows: torch.Tensor  # (R, D)
+    all_image: torch.Tensor  # (G, D)
+    all_text: torch.Tensor  # (G, D)
+    labels: torch.Tensor  # (R,) column of each anchor's own pair
+    start: int  # first global row of this process's anchors
+    local_rows: bool  # anchors are this process's rows only (local_loss with several processes)
+
+
+class SoftmaxMixingMixin(MixingStateMixin):
+    """The mixing terms of the softmax families (CLIP, CoCa, distillation): their weights and
+    temperatures, the batch rows a process owns, and the m²-Mix / V-Mix / L-Mix / VL-Mix terms
+    on those rows. Put it before an OpenCLIP ``ClipLoss`` subclass in the bases (it uses that
+    class's ``local_loss``, ``gather_with_grad``, ``rank``, ``world_size`` and
+    ``get_ground_truth``); see :class:`M2MixLoss` for the terms and arguments."""
+
+    TERMS = ("m2mix", "vmix", "lmix", "vlmix")
+
+    @property
+    def enabled_terms(self):
+        return [t for t in self.TERMS if getattr(self, f"{t}_weight") > 0]
+
+    def _check_shapes(self, image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+        # Shapes are known on the host: checking them costs no device sync.
+        if image_features.dim() != 2 or image_features.shape != text_features.shape:
+            raise ValueError(
+                f"image_features and text_features must both be (batch, dim) with the same shape, "
+                f"got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
+            )
+        if image_features.shape[0] * self.world_size < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs at least 2 image-text pairs in the (global) batch to form "
+                f"negatives, got {image_features.shape[0] * self.world_size}; increase --batch-size"
+            )
+
+    def _begin_mixing_call(self, image_features, text_features, mix_lambda) -> bool:
+        """Argument checks known on the host, then :meth:`_begin_call`."""
+        if mix_lambda is not None and not (0.0 <= float(mix_lambda) <= 1.0):
+            raise ValueError(f"mix_lambda must be a float in [0, 1], got {mix_lambda!r}")
+        self._check_shapes(image_features, text_features)
+        return self._begin_call()
+
+    def _batch_rows(self, image_features: torch.Tensor, text_features: torch.Tensor) -> BatchRows:
+        """The global batch (gathered as ``ClipLoss`` gathers it) and the rows this process anchors."""
+        if self.world_size > 1:
+            all_image, all_text = gather_features(
+                image_features, text_features,
+                local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
+                rank=self.rank, world_size=self.world_size, use_horovod=self.use_horovod,
+            )
+        else:
+            all_image, all_text = image_features, text_features
+        # Anchors are the rows of the logit matrices: local rows with local_loss, else global.
+        local_rows = self.world_size > 1 and self.local_loss
+        image_rows, text_rows = (image_features, text_features) if local_rows else (all_image, all_text)
+        num_rows = image_rows.shape[0]
+        return BatchRows(
+            image_rows=image_rows, text_rows=text_rows, all_image=all_image, all_text=all_text,
+            labels=self.get_ground_truth(image_features.device, num_rows),  # (R,) global column of each pair
+            start=self.rank * num_rows if local_rows else 0,  # this rank's rows of a (G, G) matrix
+            local_rows=local_rows,
+        )
+
+    def _mixing_terms(self, rows: BatchRows, logit_scale, new_step: bool,
+                      mix_lambda: Optional[float]) -> Dict[str, torch.Tensor]:
+        """``{"<term>_loss": weight * schedule * term}`` for every enabled mixing term."""
+        losses = {}
+        if not self.enabled_terms:
+            return losses
+        image_rows, text_rows, all_image, all_text = rows.image_rows, rows.text_rows, rows.all_image, rows.all_text
+        device, num_rows, num_global = all_image.device, image_rows.shape[0], all_image.shape[0]
+        self._check_unit_rows_once(all_image, all_text)
+        factor = self.schedule_factor
+
+        if self.m2mix_weight > 0:
+            lam = self._step_lambda("m2mix", self.m2mix_alpha, mix_lambda, new_step)
+            # (G, D) hard negatives, kept in float32 for the term (see m2mix_softmax_term)
+            mixed = mix_unit_rows(all_image, all_text, lam, out_dtype=compute_dtype(all_image.dtype))
+            scale = logit_scale if self.m2mix_temperature is None else 1.0 / self.m2mix_temperature
+            losses["m2mix_loss"] = self.m2mix_weight * factor * m2mix_softmax_term(
+                image_rows, text_rows, mixed, scale, rows.labels)
+
+        uni_scale = logit_scale if self.unimix_temperature is None else 1.0 / self.unimix_temperature
+        for name, mix_image, mix_text in (("vmix", True, False), ("lmix", False, True), ("vlmix", True, True)):
+            weight = getattr(self, f"{name}_weight")
+            if weight <= 0:
+                continue
+            lam = self._step_lambda(name, self.unimix_alpha, mix_lambda, new_step)
+            pair = self._step_pairing(name, num_global, new_step)  # (G,) on the CPU, an involution
+            pair_d = pair.to(device, non_blocking=True)
+            own_partners = pair_d[rows.start:rows.start + num_rows]
+            # Columns mix the global batch; rows mix this rank's anchors (which carry the gradient
+            # with local_loss) with their partners from the global batch.
+            image_cols = mix_unit_rows(all_image, all_image[pair_d], lam) if mix_image else all_image
+            text_cols = mix_unit_rows(all_text, all_text[pair_d], lam) if mix_text else all_text
+            if rows.local_rows:
+                image_anchor = mix_unit_rows(image_rows, all_image[own_partners], lam) if mix_image else image_rows
+                text_anchor = mix_unit_rows(text_rows, all_text[own_partners], lam) if mix_text else text_rows
+            else:
+                image_anchor, text_anchor = image_cols, text_cols
+            if name == "vlmix":  # i and pair(i) are both positives, each counting fully, as the reference
+                mixed_rows, _ = mix_target_rows(pair, rows.start, num_rows, 0.5, all_image.dtype, device)
+                targets_image, targets_text = 2 * mixed_rows, 2 * mixed_rows
+            else:
+                mixed_rows, plain_rows = mix_target_rows(pair, rows.start, num_rows, lam, all_image.dtype, device)
+                # V-Mix: mixed images against plain captions (and back); L-Mix: the other way round.
+                targets_image, targets_text = (mixed_rows, plain_rows) if mix_image else (plain_rows, mixed_rows)
+            losses[f"{name}_loss"] = weight * factor * unimodal_mix_term(
+                image_anchor, text_anchor, image_cols, text_cols, targets_image, targets_text, uni_scale)
+        return losses
+
+
+class M2MixLoss(SoftmaxMixingMixin, ClipLoss):
     r"""CLIP's contrastive loss plus geodesic multi-modal mixup (m²-Mix) and its uni-modal variants.
 
     From Oh et al., "Geodesic Multi-Modal Mixup for Robust Fine-Tuning", NeurIPS 2023
@@ -89,63 +204,12 @@ class M2MixLoss(MixingStateMixin, ClipLoss):
         ['contrastive_loss', 'm2mix_loss']
     """
 
-    TERMS = ("m2mix", "vmix", "lmix", "vlmix")
-
-    def __init__(
-            self,
-            local_loss: bool = False,
-            gather_with_grad: bool = False,
-            cache_labels: bool = False,
-            rank: int = 0,
-            world_size: int = 1,
-            use_horovod: bool = False,
-            m2mix_weight: float = 0.02,
-            m2mix_alpha: float = 0.5,
-            m2mix_temperature: Optional[float] = 0.07,
-            vmix_weight: float = 0.0,
-            lmix_weight: float = 0.0,
-            vlmix_weight: float = 0.0,
-            unimix_alpha: float = 0.5,
-            unimix_temperature: Optional[float] = None,
-            mix_pairing: str = "reverse",
-            mix_schedule: str = "inverse-epoch",
-            seed: int = 0,
-            calls_per_step: int = 1,
-    ):
-        super().__init__(
-            local_loss=local_loss,
-            gather_with_grad=gather_with_grad,
-            cache_labels=cache_labels,
-            rank=rank,
-            world_size=world_size,
-            use_horovod=use_horovod,
-        )
-        self.m2mix_weight = check_weight("m2mix_weight", m2mix_weight)
-        self.vmix_weight = check_weight("vmix_weight", vmix_weight)
-        self.lmix_weight = check_weight("lmix_weight", lmix_weight)
-        self.vlmix_weight = check_weight("vlmix_weight", vlmix_weight)
-        self.m2mix_alpha = check_alpha("m2mix_alpha", m2mix_alpha)
-        self.unimix_alpha = check_alpha("unimix_alpha", unimix_alpha)
-        self.m2mix_temperature = check_temperature("m2mix_temperature", m2mix_temperature)
-        self.unimix_temperature = check_temperature("unimix_temperature", unimix_temperature)
-        self._init_mixing(mix_schedule, mix_pairing, seed, calls_per_step)
-
-    @property
-    def enabled_terms(self):
-        return [t for t in self.TERMS if getattr(self, f"{t}_weight") > 0]
-
-    def _check_shapes(self, image_features: torch.Tensor, text_features: torch.Tensor) -> None:
-        # Shapes are known on the host: checking them costs no device sync.
-        if image_features.dim() != 2 or image_features.shape != text_features.shape:
-            raise ValueError(
-                f"image_features and text_features must both be (batch, dim) with the same shape, "
-                f"got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
-            )
-        if image_features.shape[0] * self.world_size < 2:
-            raise ValueError(
-                "M2MixLoss needs at least 2 image-text pairs in the (global) batch to form negatives, "
-                f"got {image_features.shape[0] * self.world_size}; increase --batch-size"
-            )
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, **mixing):
+        """``ClipLoss``'s arguments, then the mixing keywords listed under Attributes."""
+        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
+                         rank=rank, world_size=world_size, use_horovod=use_horovod)
+        self._init_mixing_options(**mixing)
 
     def forward(
             self,
@@ -159,73 +223,15 @@ class M2MixLoss(MixingStateMixin, ClipLoss):
     ):
         if kwargs:
             raise TypeError(
-                f"M2MixLoss.forward got unexpected arguments {sorted(kwargs)}; it takes the "
-                "outputs of a CLIP model (distillation and CoCa outputs are not supported)"
+                f"M2MixLoss.forward got unexpected arguments {sorted(kwargs)}; it takes the outputs of a "
+                "CLIP model (use M2MixCoCaLoss for CoCa and M2MixDistillLoss for distillation)"
             )
-        if mix_lambda is not None and not (0.0 <= float(mix_lambda) <= 1.0):
-            raise ValueError(f"mix_lambda must be a float in [0, 1], got {mix_lambda!r}")
-        self._check_shapes(image_features, text_features)
-        new_step = self._begin_call()
-        device = image_features.device
-
-        if self.world_size > 1:
-            all_image, all_text = gather_features(
-                image_features, text_features,
-                local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
-                rank=self.rank, world_size=self.world_size, use_horovod=self.use_horovod,
-            )
-        else:
-            all_image, all_text = image_features, text_features
-        # Anchors are the rows of the logit matrices: local rows with local_loss, else global.
-        local_rows = self.world_size > 1 and self.local_loss
-        image_rows, text_rows = (image_features, text_features) if local_rows else (all_image, all_text)
-        num_rows, num_global = image_rows.shape[0], all_image.shape[0]
-        start = self.rank * num_rows if local_rows else 0  # this rank's rows of a (G, G) matrix
-        labels = self.get_ground_truth(device, num_rows)  # (R,) global column of each anchor's pair
-
+        new_step = self._begin_mixing_call(image_features, text_features, mix_lambda)
+        rows = self._batch_rows(image_features, text_features)
         losses = {"contrastive_loss": clip_contrastive_term(
-            image_rows, text_rows, all_image, all_text, logit_scale, labels, logit_bias,
-            rows_are_global=not local_rows)}
-        if self.enabled_terms:
-            self._check_unit_rows_once(all_image, all_text)
-        factor = self.schedule_factor
-
-        if self.m2mix_weight > 0:
-            lam = self._step_lambda("m2mix", self.m2mix_alpha, mix_lambda, new_step)
-            # (G, D) hard negatives, kept in float32 for the term (see m2mix_softmax_term)
-            mixed = mix_unit_rows(all_image, all_text, lam, out_dtype=compute_dtype(all_image.dtype))
-            scale = logit_scale if self.m2mix_temperature is None else 1.0 / self.m2mix_temperature
-            losses["m2mix_loss"] = self.m2mix_weight * factor * m2mix_softmax_term(
-                image_rows, text_rows, mixed, scale, labels)
-
-        uni_scale = logit_scale if self.unimix_temperature is None else 1.0 / self.unimix_temperature
-        for name, mix_image, mix_text in (("vmix", True, False), ("lmix", False, True), ("vlmix", True, True)):
-            weight = getattr(self, f"{name}_weight")
-            if weight <= 0:
-                continue
-            lam = self._step_lambda(name, self.unimix_alpha, mix_lambda, new_step)
-            pair = self._step_pairing(name, num_global, new_step)  # (G,) on the CPU, an involution
-            pair_d = pair.to(device, non_blocking=True)
-            own_partners = pair_d[start:start + num_rows]
-            # Columns mix the global batch; rows mix this rank's anchors (which carry the gradient
-            # with local_loss) with their partners from the global batch.
-            image_cols = mix_unit_rows(all_image, all_image[pair_d], lam) if mix_image else all_image
-            text_cols = mix_unit_rows(all_text, all_text[pair_d], lam) if mix_text else all_text
-            if local_rows:
-                image_anchor = mix_unit_rows(image_rows, all_image[own_partners], lam) if mix_image else image_rows
-                text_anchor = mix_unit_rows(text_rows, all_text[own_partners], lam) if mix_text else text_rows
-            else:
-                image_anchor, text_anchor = image_cols, text_cols
-            if name == "vlmix":  # i and pair(i) are both positives, each counting fully, as the reference
-                mixed_rows, _ = mix_target_rows(pair, start, num_rows, 0.5, all_image.dtype, device)
-                targets_image, targets_text = 2 * mixed_rows, 2 * mixed_rows
-            else:
-                mixed_rows, plain_rows = mix_target_rows(pair, start, num_rows, lam, all_image.dtype, device)
-                # V-Mix: mixed images against plain captions (and back); L-Mix: the other way round.
-                targets_image, targets_text = (mixed_rows, plain_rows) if mix_image else (plain_rows, mixed_rows)
-            losses[f"{name}_loss"] = weight * factor * unimodal_mix_term(
-                image_anchor, text_anchor, image_cols, text_cols, targets_image, targets_text, uni_scale)
-
+            rows.image_rows, rows.text_rows, rows.all_image, rows.all_text, logit_scale, rows.labels, logit_bias,
+            rows_are_global=not rows.local_rows)}
+        losses.update(self._mixing_terms(rows, logit_scale, new_step, mix_lambda))
         total = sum(losses.values())
         self._count_nonfinite(total, new_step)
         if output_dict:

@@ -9,42 +9,15 @@ here synchronises with the device inside ``forward``: lambdas and pairings come 
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional
 
 import torch
 
 from ..mixup import UNIT_NORM_TOLERANCE, sample_beta
+from .options import MIX_PAIRINGS, MIX_SCHEDULES, MixOptions
 from .terms import pair_partners
 
-__all__ = ["MixingStateMixin", "MIX_SCHEDULES", "MIX_PAIRINGS", "check_weight", "check_alpha",
-           "check_temperature"]
-
-MIX_SCHEDULES = ("inverse-epoch", "constant")
-MIX_PAIRINGS = ("reverse", "random")
-
-
-def check_weight(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value
-
-
-def check_alpha(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0 (the Beta(a, a) parameter), got {value!r}")
-    return value
-
-
-def check_temperature(name: str, value: Optional[float]) -> Optional[float]:
-    if value is None:
-        return None
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be > 0 (or None for the model's logit_scale), got {value!r}")
-    return value
+__all__ = ["MixingStateMixin", "MIX_SCHEDULES", "MIX_PAIRINGS"]
 
 
 class MixingStateMixin:
@@ -57,6 +30,14 @@ class MixingStateMixin:
     generator, epoch, draws of the current step and the non-finite count, as ``_extra_state``)
     and :meth:`logged_scalars`.
     """
+
+    def _init_mixing_options(self, seed: int = 0, calls_per_step: int = 1, **options) -> None:
+        """Checks and stores the mixing options every family takes (``MixOptions``: defaults and
+        meanings; a ``ValueError`` names a bad one), then calls :meth:`_init_mixing`."""
+        self.options = MixOptions(**options)  # a TypeError names an unknown keyword
+        for name, value in self.options.as_kwargs().items():
+            setattr(self, name, value)
+        self._init_mixing(self.mix_schedule, self.mix_pairing, seed, calls_per_step)
 
     def _init_mixing(self, mix_schedule: str, mix_pairing: str, seed: int, calls_per_step: int) -> None:
         if mix_schedule not in MIX_SCHEDULES:
@@ -171,10 +152,11 @@ class MixingStateMixin:
         else:
             self._nonfinite_steps = self._nonfinite_steps + flag
 
-    def _check_unit_rows_once(self, *features: torch.Tensor) -> None:
+    def _check_unit_rows_once(self, *features: torch.Tensor, agree_across_ranks: bool = False) -> None:
         """At the first call only: geodesic mixing needs unit vectors; unnormalised features are
         a wiring mistake, reported before training goes on. Called on the gathered global batch,
-        so every rank reaches the same verdict (no rank raises alone). Non-finite rows are left
+        so every rank reaches the same verdict (no rank raises alone); a loss that never gathers
+        (SigLIP) passes ``agree_across_ranks`` to share the verdict by an all-reduce. Non-finite rows are left
         to behave as in ClipLoss (a non-finite loss), and meta tensors carry no data to check."""
         if self._inputs_checked:
             return
@@ -185,6 +167,9 @@ class MixingStateMixin:
             ((f.detach().float().norm(dim=1) - 1).abs().nan_to_num(0.0, 0.0, 0.0) > UNIT_NORM_TOLERANCE).any()
             for f in features
         ]).any()
+        if agree_across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+            off = off.to(torch.int32)
+            torch.distributed.all_reduce(off, op=torch.distributed.ReduceOp.MAX)
         if bool(off):  # the one device sync, at the first call
             raise ValueError(
                 "geodesic mixing needs unit-norm features (a CLIP model's outputs are); "

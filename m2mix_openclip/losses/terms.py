@@ -23,6 +23,7 @@ __all__ = [
     "cross_entropy_with_positive",
     "clip_contrastive_term",
     "m2mix_softmax_term",
+    "m2mix_sigmoid_term",
     "mix_target_rows",
     "unimodal_mix_term",
     "pair_partners",
@@ -141,6 +142,71 @@ def m2mix_softmax_term(image_rows: torch.Tensor, text_rows: torch.Tensor, mixed:
         positive = (anchors[:own] * text_rows.to(dtype)).sum(dim=1)  # (R,): s <x_i, y_i>
         logits = anchors @ mixed.to(dtype).T  # (2R, G)
         return cross_entropy_with_positive(logits, positive.repeat(2), labels.repeat(2))
+
+
+def m2mix_sigmoid_term(image_rows: torch.Tensor, text_rows: torch.Tensor, mixed: torch.Tensor,
+                       scale: Scale, bias: Scale, exclude_own: bool, normaliser: float) -> torch.Tensor:
+    r"""The sigmoid m²-Mix term: geodesic mixes as extra negatives of SigLIP's pairwise loss.
+
+    With :math:`m_j = \mathrm{slerp}(x_j, y_j, \lambda)` (``mixed``), scale :math:`s` and bias
+    :math:`b`, every anchor (image :math:`x_i` and caption :math:`y_i`) meets every mix as a
+    negative of the binary sigmoid loss, :math:`-\log\sigma(-z) = \mathrm{softplus}(z)`:
+
+    .. math::
+        \mathcal{L} = \frac{1}{n} \sum_{i} \sum_{j \in J(i)}
+            \Big[ -\log\sigma\big(-(s\langle x_i, m_j\rangle + b)\big)
+                   -\log\sigma\big(-(s\langle y_i, m_j\rangle + b)\big) \Big]
+
+    where :math:`J(i)` is every column, except column ``i`` when ``exclude_own`` (the mixes are
+    this process's own pairs, row i's own pair being column i: a pair's own mix is no
+    negative). The caller picks :math:`n` (``normaliser``); ``M2MixSigLipLoss`` uses
+    :math:`2B(G-1)`, the number of anchor-negative pairs of its ``B`` image and ``B`` caption
+    anchors in a global batch of ``G``, so the term is a mean and does not grow with the batch.
+    Computed in float32 (float64 for float64 inputs) with autocast off, as ``m2mix_softmax_term``.
+
+    Args:
+        image_rows, text_rows: (R, D) anchors.
+        mixed: (C, D) mixes (C = R when ``exclude_own``).
+        scale, bias: floats or scalar tensors (the model's ``logit_scale``, ``logit_bias``).
+    """
+    dtype = compute_dtype(image_rows.dtype)
+    with no_autocast(image_rows.device):
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(dtype)
+        if isinstance(bias, torch.Tensor):
+            bias = bias.to(dtype)
+        anchors = scale * torch.cat([image_rows, text_rows]).to(dtype)  # (2R, D), scaled once
+        mixed = mixed.to(dtype)
+        total = _SoftplusOfLogitsSum.apply(anchors, mixed, bias)
+        if exclude_own:  # the own pair's mix is not a negative: take its 2R logits back out
+            own = (anchors * mixed.repeat(2, 1)).sum(dim=1)  # (2R,): s <x_i, m_i>, s <y_i, m_i>
+            total = total - F.softplus(own + bias).sum()
+        return total / normaliser
+
+
+class _SoftplusOfLogitsSum(torch.autograd.Function):
+    """``softplus(anchors @ mixed.T + bias).sum()`` with one (M, C) buffer: the forward pass
+    turns the logits into ``sigmoid(logits)`` in place, which is the gradient of the sum with
+    respect to them; the backward pass makes the two products from it."""
+
+    @staticmethod
+    def forward(ctx, anchors, mixed, bias):
+        work = anchors @ mixed.T  # (M, C)
+        work.add_(bias)
+        total = F.softplus(work).sum()  # torch's softplus goes linear above 20: off by < 2e-9 there
+        work.sigmoid_()
+        ctx.save_for_backward(anchors, mixed, work)
+        ctx.bias_shape = bias.shape if isinstance(bias, torch.Tensor) else None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        anchors, mixed, sig = ctx.saved_tensors  # d softplus(z) / dz = sigmoid(z), (M, C)
+        # The scalar grad_total scales the (M, D) and (C, D) products, not the (M, C) matrix.
+        grad_anchors = (sig @ mixed) * grad_total if ctx.needs_input_grad[0] else None
+        grad_mixed = (sig.T @ anchors) * grad_total if ctx.needs_input_grad[1] else None
+        grad_bias = None if ctx.bias_shape is None else (sig.sum() * grad_total).reshape(ctx.bias_shape)
+        return grad_anchors, grad_mixed, grad_bias
 
 
 def pair_partners(num: int, kind: str, generator: torch.Generator) -> torch.Tensor:
