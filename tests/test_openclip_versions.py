@@ -251,7 +251,9 @@ def test_m2mix_train_logs_the_m2mix_term_and_the_geometry(trained):
     assert len(logged_lambdas(log)) == 3  # 48 samples / 16 per step, every step logged
     rows = results(trained["logs"], "run")
     assert [r["epoch"] for r in rows] == [1] and GEOMETRY_KEYS <= set(rows[0]) and "image_to_text_R@1" in rows[0]
-    assert os.path.exists(trained["logs"] / "run" / "checkpoints" / "loss_state_epoch_1.pth")
+    with compat.numpy_scalars_allowed():  # this release's checkpoint, numpy learning rates and all
+        checkpoint = torch.load(trained["logs"] / "run" / "checkpoints" / "epoch_1.pt", weights_only=True)
+    assert "generator_state" in checkpoint["loss"]["_extra_state"]  # the lambda generator travels with it
 
 
 class KnownUpstreamResumeFailure(Exception):
@@ -292,9 +294,14 @@ def test_m2mix_analyze_reads_this_releases_checkpoint(trained):
 
 # -- the patch for this release's trainer generation ----------------------------------------------
 PATCHES = {"training": "open_clip_v2.24.0-loss-plugins.patch", "open_clip_train": "open_clip_v3.3.0-loss-plugins.patch"}
+NO_PATCH = {  # releases of the matrix that no patch in patches/ fits, and why
+    "2.20.0": "the v2.24.0 patch does not fit OpenCLIP 2.20.0 (hunks of main.py and train.py differ; its "
+              "evaluate() takes no tokenizer) and patches/ has none for 2.20-2.22: m2mix-train runs it unpatched",
+}
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(VERSION in NO_PATCH, reason=NO_PATCH.get(VERSION, ""))
 def test_the_matching_patch_applies_to_this_wheel_trains_and_reverts(trained, tmp_path):
     """The patch of this trainer generation, on a copy of the installed trainer package (``patch
     -p2`` from site-packages, as the README says): OpenCLIP's own ``main`` then trains ``--loss

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Optional
 
 from ..losses import M2MixCoCaLoss, M2MixDistillLoss, M2MixLoss, M2MixSigLipLoss
-from ..losses.siglip import SIGLIP_UNIMODAL_REASON
 
 __all__ = ["loss_family", "build_m2mix_loss", "validate_family", "FAMILY_CLASSES"]
 
@@ -38,6 +37,7 @@ def validate_family(args) -> Optional[str]:
     if family == "siglip":
         unimodal = [f"--{n}-weight" for n in ("vmix", "lmix", "vlmix") if getattr(args, f"{n}_weight", 0) > 0]
         if unimodal:
+            from ..losses.siglip import SIGLIP_UNIMODAL_REASON  # here: OpenCLIP 2.20 has no SigLipLoss
             return f"{', '.join(unimodal)} cannot be combined with --siglip: {SIGLIP_UNIMODAL_REASON}"
         if getattr(args, "horovod", False):
             return "--siglip --loss m2mix does not support --horovod (OpenCLIP's SigLipLoss does not either)"

@@ -313,7 +313,9 @@ class RunHooks:
         return metrics
 
     def zero_shot_eval(self, model, data, epoch, args, tokenizer=None):
-        metrics = self.originals["zero_shot_eval"](model, data, epoch, args, tokenizer=tokenizer)
+        # OpenCLIP 2.20's evaluate passes no tokenizer, and its zero_shot_eval takes none
+        metrics = self.originals["zero_shot_eval"](model, data, epoch, args,
+                                                   **({} if tokenizer is None else {"tokenizer": tokenizer}))
         if tokenizer is None:
             import open_clip
             tokenizer = open_clip.get_tokenizer(args.model)

@@ -10,7 +10,13 @@
 from .clip import M2MixLoss
 from .coca import M2MixCoCaLoss
 from .distill import M2MixDistillLoss
-from .siglip import M2MixSigLipLoss
 from .mixing import MIX_PAIRINGS, MIX_SCHEDULES
+
+from open_clip import loss as _open_clip_loss
+
+if hasattr(_open_clip_loss, "SigLipLoss"):
+    from .siglip import M2MixSigLipLoss
+else:  # OpenCLIP 2.20 has no SigLipLoss (nor --siglip); the other families work there
+    M2MixSigLipLoss = None
 
 __all__ = ["M2MixLoss", "M2MixSigLipLoss", "M2MixCoCaLoss", "M2MixDistillLoss", "MIX_SCHEDULES", "MIX_PAIRINGS"]
