@@ -1,6 +1,6 @@
 """``python -m m2mix_openclip.train`` (console script ``m2mix-train``): OpenCLIP's trainer with ``--loss``.
 
-Takes every OpenCLIP 3.3.0 training flag unchanged, plus ``--loss NAME``, ``--eval-metrics`` and
+Takes every training flag of the installed OpenCLIP (2.20-3.x) unchanged, plus ``--loss NAME``, ``--eval-metrics`` and
 the chosen loss's own flags (``--help`` lists them all).
 """
 

@@ -6,6 +6,8 @@ neighbour-exchange functions that carry chunks between processes with their grad
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -88,7 +90,11 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  dist_impl: Optional[str] = None, m2mix_bias: Optional[float] = None, **mixing):
-        super().__init__(cache_labels=cache_labels, rank=rank, world_size=world_size, dist_impl=dist_impl)
+        if "dist_impl" in inspect.signature(SigLipLoss.__init__).parameters:
+            super().__init__(cache_labels=cache_labels, rank=rank, world_size=world_size, dist_impl=dist_impl)
+        else:  # OpenCLIP 2.22-2.29: SigLipLoss exchanges its chunks in both directions, no dist_impl
+            super().__init__(cache_labels=cache_labels, rank=rank, world_size=world_size)
+            self.dist_impl = dist_impl or "bidir"
         self._init_mixing_options(**mixing)
         for name in ("vmix_weight", "lmix_weight", "vlmix_weight"):
             if getattr(self, name) > 0:
