@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
-import io
 import os
 import tarfile
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 __all__ = ["LabelledSet", "load_labelled_set", "parse_class_names", "parse_templates",
            "zero_shot_classifier", "zero_shot_logits", "zero_shot_scores"]
@@ -139,10 +137,6 @@ def load_labelled_set(name: str, source: str, num_classes: int, img_key: str = "
     return LabelledSet(name, source, images, labels_t)
 
 
-def _open_image(image) -> Image.Image:
-    return Image.open(io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image).convert("RGB")
-
-
 @torch.no_grad()
 def zero_shot_classifier(model, tokenizer, class_names: Sequence[str], templates: Sequence[str],
                          device="cpu", autocast=contextlib.nullcontext, fill=None) -> torch.Tensor:
@@ -163,9 +157,10 @@ def zero_shot_classifier(model, tokenizer, class_names: Sequence[str], templates
 def zero_shot_logits(model, preprocess, images: Sequence, classifier: torch.Tensor, batch_size: int = 256,
                      device="cpu", autocast=contextlib.nullcontext, input_dtype=None) -> torch.Tensor:
     """(N, C) float32 cosine similarities of each image to each class, images embedded in batches."""
+    from .evaluation import _open_image as open_image  # one way to read a path or encoded bytes
     out = []
     for start in range(0, len(images), batch_size):
-        pixels = torch.stack([preprocess(_open_image(im)) for im in images[start:start + batch_size]])
+        pixels = torch.stack([preprocess(open_image(im)) for im in images[start:start + batch_size]])
         pixels = pixels.to(device=device, dtype=input_dtype)
         with autocast():
             features = model.encode_image(pixels)
