@@ -34,13 +34,17 @@ class LabelledSet:
     labels: torch.Tensor  # (N,) int64
 
 
-def parse_class_names(text: str) -> List[str]:
-    """Class names from a file (one per line) or a comma-separated list."""
+def _items(text: str, separator: str) -> List[str]:
+    """Non-empty stripped lines of a file, or the parts of ``text`` split at ``separator``."""
     if os.path.isfile(text):
         with open(text) as f:
-            names = [line.strip() for line in f if line.strip()]
-    else:
-        names = [c.strip() for c in text.split(",") if c.strip()]
+            return [line.strip() for line in f if line.strip()]
+    return [part.strip() for part in text.split(separator) if part.strip()]
+
+
+def parse_class_names(text: str) -> List[str]:
+    """Class names from a file (one per line) or a comma-separated list."""
+    names = _items(text, ",")
     if not names:
         raise ValueError(f"no class names in {text!r} (give a file with one name per line, or a comma list)")
     return names
@@ -48,11 +52,7 @@ def parse_class_names(text: str) -> List[str]:
 
 def parse_templates(text: str) -> List[str]:
     """Prompt templates from a file (one per line) or a ``;``-separated list; each needs ``{c}``."""
-    if os.path.isfile(text):
-        with open(text) as f:
-            templates = [line.strip() for line in f if line.strip()]
-    else:
-        templates = [t.strip() for t in text.split(";") if t.strip()]
+    templates = _items(text, ";")
     if not templates:
         raise ValueError(f"no templates in {text!r}")
     missing = [t for t in templates if "{c}" not in t]
