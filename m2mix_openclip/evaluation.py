@@ -154,27 +154,32 @@ def load_model(model_name: str, checkpoint: Optional[str] = None, pretrained: Op
             or pretrained weights that cannot be had (not cached and no network).
     """
     import open_clip
-    from .integration.quiet import no_random_init_warning
+    from .integration.quiet import PRETRAINED_FAILURE, RANDOM_INIT, dropped_log_messages
     if model_name.startswith("local-dir:") and pretrained:
         raise ValueError("OpenCLIP ignores --pretrained for local-dir: models; pass --checkpoint instead")
     from .integration.openclip_compat import model_name as supported_model_name
     model_name = supported_model_name(model_name)  # local-dir: before OpenCLIP 3.0 too
     state = _read_checkpoint(checkpoint) if checkpoint is not None else None
+    # held back: the random-init warning when the checkpoint's weights replace the random ones, and
+    # OpenCLIP's ERROR line for a pretrained tag that cannot be had (the error below restates it)
+    held_back = (RANDOM_INIT if state is not None else ()) + (PRETRAINED_FAILURE if pretrained else ())
     try:
-        if state is not None:  # the checkpoint's weights replace the random ones: no warning
-            with no_random_init_warning():
-                model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
-                                                                             device=device)
-        else:
+        with dropped_log_messages(*held_back):
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
                                                                          device=device)
     except Exception as e:
         if not pretrained:
             raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        tags = open_clip.list_pretrained_tags_by_model(model_name) if hasattr(
+            open_clip, "list_pretrained_tags_by_model") else []
+        if tags and pretrained not in tags and not os.path.exists(pretrained):
+            hint = f"the tags of {model_name!r}: {', '.join(tags)}"
+        else:
+            hint = ("offline? the weights must already be in the Hugging Face / OpenCLIP cache; "
+                    "`open_clip.list_pretrained()` lists the models and tags")
         raise ValueError(f"cannot load --pretrained {pretrained!r} for --model {model_name!r}: "
-                         f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
-                         "(offline? the weights must already be in the Hugging Face / OpenCLIP cache; "
-                         "`open_clip.list_pretrained()` lists the valid tags)") from e
+                         f"{type(e).__name__}: {first} ({hint})") from e
     if state is not None:
         try:
             model.load_state_dict(state)

@@ -152,12 +152,18 @@ def test_class_names_without_labels_is_an_error_not_an_exit(tiny, tmp_path):
         analyze(args)
 
 
-def test_offline_pretrained_is_one_clean_error(tmp_path):
+@pytest.mark.parametrize("tag, hint", [
+    ("openai", "(offline? the weights must already be in the Hugging Face / OpenCLIP cache"),
+    ("no-such-tag", "(the tags of 'ViT-B-32': openai, "),
+])
+def test_pretrained_that_cannot_be_had_is_one_clean_error(tmp_path, tag, hint):
     (tmp_path / "d.csv").write_text("filepath\ttitle\nx.png\ta cat\n")
     proc = subprocess.run([sys.executable, "-m", "m2mix_openclip.analyze", "--model", "ViT-B-32", "--pretrained",
-                           "openai", "--data", str(tmp_path / "d.csv"), "--out", str(tmp_path / "r")],
+                           tag, "--data", str(tmp_path / "d.csv"), "--out", str(tmp_path / "r")],
                           capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"), timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "m2mix-analyze: error: cannot load --pretrained 'openai' for --model 'ViT-B-32'" in proc.stderr
-    assert "offline?" in proc.stderr
+    assert proc.returncode == 2
+    # our error and the --debug hint, not OpenCLIP's own ERROR line before them
+    first, second = proc.stderr.strip().splitlines()
+    assert first.startswith(f"m2mix-analyze: error: cannot load --pretrained '{tag}' for --model 'ViT-B-32': ")
+    assert hint in first and second == "(run with --debug for the traceback)"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -51,12 +52,12 @@ def demo(tmp_path_factory):
         proc = subprocess.run([sys.executable, "-m", "m2mix_openclip.demo", "--out", str(base / name), "--fast"],
                               capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert proc.returncode == 0, proc.stderr[-3000:]
-        outs.append((base / name, proc.stdout))
+        outs.append((base / name, proc.stdout, proc.stderr))
     return outs
 
 
 def test_demo_writes_every_output_and_is_reproducible(demo):
-    (out, stdout), (out_b, _) = demo
+    (out, stdout, stderr), (out_b, _, _) = demo
     result = json.loads((out / "results.json").read_text())
     assert list(result["models"]) == ["pretrained", "finetuned clip", "finetuned m2mix"]
     for row in result["models"].values():
@@ -69,12 +70,15 @@ def test_demo_writes_every_output_and_is_reproducible(demo):
     assert "modality_gap" in stdout and "finetuned m2mix" in stdout
     assert "--fast: a smoke test" in stdout  # nobody reads its numbers as results
     assert "M2mix_loss" in (out / "training.log").read_text()
+    # stderr holds the progress bars and nothing else: no log line breaks them
+    segments = [s for s in re.split(r"[\r\n]+", re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stderr)) if s.strip()]
+    assert segments and all(re.match(r"^[\w :-]+: +\d+%\|", s) for s in segments), segments[:5]
     again = json.loads((out_b / "results.json").read_text())
     assert again["models"] == result["models"], "the same command twice must give the same numbers"
 
 
 def test_demo_refuses_to_overwrite(demo):
-    out, _ = demo[0]
+    out = demo[0][0]
     proc = subprocess.run([sys.executable, "-m", "m2mix_openclip.demo", "--out", str(out), "--fast"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "already holds a demo run" in proc.stderr
@@ -82,7 +86,7 @@ def test_demo_refuses_to_overwrite(demo):
 
 
 def test_analyzer_compares_checkpoints_on_shards(demo, tmp_path):
-    out, _ = demo[0]
+    out = demo[0][0]
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     report_dir = tmp_path / "report"
     proc = subprocess.run([
@@ -106,7 +110,7 @@ def test_analyzer_compares_checkpoints_on_shards(demo, tmp_path):
     ("wrong-model", "does not fit model"),
 ])
 def test_analyzer_checkpoint_errors(demo, tmp_path, content, message):
-    out, _ = demo[0]
+    out = demo[0][0]
     ckpt = tmp_path / "c.pt"
     if isinstance(content, bytes):
         ckpt.write_bytes(content)
@@ -119,7 +123,7 @@ def test_analyzer_checkpoint_errors(demo, tmp_path, content, message):
 
 
 def test_checkpoint_loading_round_trip(demo):
-    out, _ = demo[0]
+    out = demo[0][0]
     model, _, _ = load_model(f"local-dir:{out / 'model'}", str(out / "pretrained.pt"))
     saved = torch.load(out / "pretrained.pt", weights_only=True)
     assert torch.equal(model.state_dict()["logit_scale"], saved["logit_scale"])

@@ -1,6 +1,7 @@
 """Checks of a training command before the model is built, and the missing-image error."""
 
 import argparse
+import os
 
 import pytest
 
@@ -104,3 +105,32 @@ def test_a_mistyped_flag_gets_the_nearest_known_one():
     assert suggest_flags("unrecognized arguments: --batch=3 --zzz", known) == \
         "unrecognized arguments: --batch (did you mean --batch-size?), --zzz"
     assert suggest_flags("argument --lr: invalid float value", known) is None
+
+
+def test_a_name_whose_folder_holds_a_run(tmp_path):
+    run = tmp_path / "logs" / "exp"
+    args = make_args(logs=str(tmp_path / "logs"), name="exp", resume=None)
+    check_args(args)  # no folder yet
+    (run / "checkpoints").mkdir(parents=True)
+    check_args(args)  # a folder without a log (OpenCLIP made it, nothing ran): OpenCLIP takes it too
+    (run / "out-0.log").write_text("")  # --log-local writes out-RANK.log
+    with pytest.raises(PreflightError, match=r"^--name exp: .*exp already holds a run \(no checkpoint: .*out-0\.log"):
+        check_args(args)
+    for name in ("epoch_2.pt", "epoch_10.pt"):
+        (run / "checkpoints" / name).write_bytes(b"")
+    os.utime(run / "checkpoints" / "epoch_2.pt", (0, 0))  # older, although it sorts after epoch_10.pt
+    with pytest.raises(PreflightError, match=r"\(2 checkpoint\(s\), newest epoch_10\.pt; --resume latest continues"):
+        check_args(args)
+    check_args(make_args(logs=str(tmp_path / "logs"), name="exp", resume="latest"))
+    check_args(make_args(logs=str(tmp_path / "logs"), name=None, resume=None))  # OpenCLIP names it by the time
+
+
+def test_report_to_a_package_that_is_missing(csv_file, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    for report_to in ("tensorboard", "wandb,tensorboard", "all"):
+        with pytest.raises(PreflightError, match=r"^--report-to tensorboard needs the tensorboard package, which is "
+                                                 r"not installed: pip install 'm2mix-openclip\[tensorboard\]'"):
+            check_args(make_args(train_data=str(csv_file), report_to=report_to))
+    check_args(make_args(train_data=str(csv_file), report_to=""))

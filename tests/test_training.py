@@ -75,7 +75,7 @@ def test_clip_through_launcher_equals_plain_openclip(env):
 
 def test_accum_freq_2(env):
     launcher(*common_args(env["model"], env["logs"], "accum", epochs=1, batch=8), *csv_args(env["data"]),
-             "--loss", "m2mix", "--accum-freq", "2", "--vmix-weight", "0.1")
+             "--loss", "m2mix", "--accum-freq", "2", "--vmix-weight", "0.1", "--report-to", "tensorboard")
     log = read_log(env["logs"], "accum")
     assert "M2mix_loss" in log and "Vmix_loss" in log
     # 48 samples, micro-batches of 8, 2 per optimizer step: 3 steps, each logged, one lambda per step,
@@ -91,6 +91,13 @@ def test_accum_freq_2(env):
     for got, (m2mix, vmix) in zip(scalars, expected):
         assert got["m2mix_lambda"] == pytest.approx(m2mix, rel=1e-3, abs=1e-4)
         assert got["vmix_lambda"] == pytest.approx(vmix, rel=1e-3, abs=1e-4)
+    # the same scalars in tensorboard (the [tensorboard] extra), at OpenCLIP's steps 0, 1, 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(env["logs"] / "accum" / "tensorboard")).Reload()
+    for key in ("m2mix_lambda", "vmix_lambda", "nonfinite_steps"):
+        written = events.Scalars(f"train/{key}")
+        assert [e.step for e in written] == [0, 1, 2]
+        assert [e.value for e in written] == pytest.approx([s[key] for s in scalars], rel=1e-3, abs=1e-4)
 
 
 def test_resume_latest_continues_the_lambda_sequence(env):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import importlib.util
 import os
 from typing import Optional
 
@@ -109,8 +110,56 @@ def _world_size() -> int:
     return 1
 
 
+def _checkpoints(folder: str) -> list:
+    try:
+        names = [n for n in os.listdir(folder) if n.endswith(".pt")]
+    except OSError:
+        return []
+    return sorted(names, key=lambda n: os.path.getmtime(os.path.join(folder, n)))
+
+
+def _check_experiment(args) -> None:
+    """OpenCLIP refuses a ``--name`` whose ``logs/NAME`` holds a log, unless ``--resume latest``,
+    with a message that does not name the folder and no exit status; say which run it is and how
+    to go on: ``--resume latest`` continues from its newest checkpoint, or starts again in the
+    same folder when a failed run left none."""
+    name, logs = getattr(args, "name", None), getattr(args, "logs", None)
+    if not name or not logs or getattr(args, "resume", None) == "latest":
+        return
+    folder = os.path.join(logs, name)
+    logs_found = glob.glob(os.path.join(folder, "out*.log"))
+    if not logs_found:
+        return
+    checkpoints = _checkpoints(os.path.join(folder, "checkpoints"))
+    if checkpoints:
+        held = (f"{len(checkpoints)} checkpoint(s), newest {checkpoints[-1]}; --resume latest continues "
+                "from the newest")
+    else:
+        held = ("no checkpoint: a run that failed or stopped before its first save? read its "
+                f"{os.path.basename(logs_found[0])}; --resume latest starts again in the same folder")
+    raise PreflightError(
+        f"--name {name}: {folder} already holds a run ({held}); or choose another --name, or remove "
+        f"{folder} to start over")
+
+
+# --report-to target -> (module OpenCLIP imports, what to install)
+REPORTERS = {"tensorboard": ("tensorboard", "pip install 'm2mix-openclip[tensorboard]' (or pip install tensorboard)"),
+             "wandb": ("wandb", "pip install wandb")}
+
+
+def _check_reporters(args) -> None:
+    """OpenCLIP asserts "Please install tensorboard." only after it has built the model."""
+    targets = [t.strip() for t in (getattr(args, "report_to", "") or "").split(",") if t.strip()]
+    for name, (module, install) in REPORTERS.items():
+        if (name in targets or "all" in targets) and importlib.util.find_spec(module) is None:
+            raise PreflightError(f"--report-to {name} needs the {module} package, which is not installed: {install}")
+
+
 def check_args(args, loss_name: Optional[str] = None) -> None:
-    """Raises :class:`PreflightError` for data that cannot be read or a batch too small to train on."""
+    """Raises :class:`PreflightError` for data that cannot be read, a batch too small to train on,
+    a ``--report-to`` whose package is missing, or a ``--name`` whose log folder holds a run."""
+    _check_experiment(args)
+    _check_reporters(args)
     _check_data("--train-data", getattr(args, "train_data", None), args)
     _check_data("--val-data", getattr(args, "val_data", None), args)
     loss_name = loss_name or getattr(args, "loss", "clip")

@@ -2,8 +2,9 @@
 
 OpenCLIP's ``setup_logging`` sets every existing logger, torch's included, to INFO; torch then
 prints TorchDynamo and FakeTensor statistics from its exit handlers, after the last line of
-the run. These helpers put torch's loggers back to WARNING, and hold back the
-"no pretrained weights" warning where a checkpoint is loaded right after.
+the run. These helpers put torch's loggers back to WARNING, and hold back OpenCLIP's lines that
+say nothing new: the "no pretrained weights" warning where a checkpoint is loaded right after,
+and the ERROR line of a pretrained tag that cannot be had, which the tool's one-line error restates.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 
-__all__ = ["quiet_torch_loggers", "no_random_init_warning"]
+__all__ = ["quiet_torch_loggers", "no_random_init_warning", "dropped_log_messages", "RANDOM_INIT",
+           "PRETRAINED_FAILURE"]
 
 
 def quiet_torch_loggers(level: int = logging.WARNING) -> None:
@@ -22,18 +24,27 @@ def quiet_torch_loggers(level: int = logging.WARNING) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-class _DropRandomInit(logging.Filter):
+# OpenCLIP's log lines that a tool holds back, and why
+RANDOM_INIT = ("No pretrained weights loaded", "no CLIP weights found")  # a checkpoint is loaded right after
+PRETRAINED_FAILURE = ("Failed to download weights for tag", "Pretrained tag or path (")  # restated in the error
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments):
+        super().__init__()
+        self.fragments = fragments
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not ("No pretrained weights loaded" in message or "no CLIP weights found" in message)
+        return not any(fragment in message for fragment in self.fragments)
 
 
 @contextlib.contextmanager
-def no_random_init_warning():
-    """Within the context, OpenCLIP's "Model initialized randomly" warnings are dropped: for tools
-    that load a checkpoint into the model right after creating it."""
+def dropped_log_messages(*fragments: str):
+    """Within the context, log records whose message holds any of ``fragments`` are dropped, on
+    the root logger and on its handlers (records of other loggers propagate to those)."""
     handlers = list(logging.root.handlers) or [logging.lastResort]
-    drop = _DropRandomInit()
+    drop = _DropMessages(fragments)
     logging.root.addFilter(drop)
     for handler in handlers:
         handler.addFilter(drop)
@@ -43,3 +54,9 @@ def no_random_init_warning():
         logging.root.removeFilter(drop)
         for handler in handlers:
             handler.removeFilter(drop)
+
+
+def no_random_init_warning():
+    """Within the context, OpenCLIP's "Model initialized randomly" warnings are dropped: for tools
+    that load a checkpoint into the model right after creating it."""
+    return dropped_log_messages(*RANDOM_INIT)
