@@ -18,50 +18,15 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 
 from .evaluation import class_text_features, encode_grouped, evaluate_features, load_model, load_pairs
 from .plots import plot_cosine_histograms, plot_metric_bars, plot_sphere_projection
+from .report import format_table
 from .simat import DEFAULT_SCALES
-
-# (key, row name) in the order the table prints them; other keys follow alphabetically
-METRIC_ROWS = [
-    ("zero_shot_accuracy", "zero-shot accuracy"),
-    ("zero_shot_ece", "zero-shot ECE"),
-    ("image_to_text_R@1", "image->text R@1"),
-    ("image_to_text_R@5", "image->text R@5"),
-    ("image_to_text_R@10", "image->text R@10"),
-    ("text_to_image_R@1", "text->image R@1"),
-    ("text_to_image_R@5", "text->image R@5"),
-    ("text_to_image_R@10", "text->image R@10"),
-    ("image_to_text_label_precision@1", "image->text label precision@1"),
-    ("text_to_image_label_precision@1", "text->image label precision@1"),
-    ("image_to_text_ece", "image->text ECE"),
-    ("text_to_image_ece", "text->image ECE"),
-    ("alignment", "alignment (lower: better)"),
-    ("uniformity_joint", "uniformity, joint (lower: better)"),
-    ("uniformity_image", "uniformity, image (lower: better)"),
-    ("uniformity_text", "uniformity, text (lower: better)"),
-    ("relative_alignment", "relative alignment"),
-    ("modality_gap", "modality gap"),
-    ("positive_cosine", "mean positive cosine"),
-    ("negative_cosine", "mean negative cosine"),
-    ("simat_dev", "SIMAT dev (best scale)"),
-    ("simat_dev_scale", "SIMAT dev: best scale"),
-    ("simat_test", "SIMAT test (best scale)"),
-    ("simat_test_scale", "SIMAT test: best scale"),
-]
-
-
-def _class_names(text):
-    if text is None:
-        return None
-    if os.path.isfile(text):
-        with open(text) as f:
-            return [line.strip() for line in f if line.strip()]
-    return [c.strip() for c in text.split(",") if c.strip()]
+from .zeroshot import parse_class_names
 
 
 def short_unique_names(paths: Sequence[str]) -> List[str]:
@@ -73,25 +38,6 @@ def short_unique_names(paths: Sequence[str]) -> List[str]:
         if len(set(names)) == len(names):
             return names
     return [str(p) for p in paths]  # the same path twice
-
-
-def ordered_metric_rows(keys) -> List[tuple]:
-    """(key, row name) pairs: the known metrics in METRIC_ROWS order, then the rest by name."""
-    known = [(k, name) for k, name in METRIC_ROWS if k in keys]
-    seen = {k for k, _ in known}
-    return known + [(k, k) for k in sorted(keys) if k not in seen]
-
-
-def format_table(table: Dict[str, Dict[str, float]]) -> str:
-    names = list(table)
-    keys = set().union(*(row.keys() for row in table.values()))
-    rows = ordered_metric_rows(keys)
-    width = max([34] + [len(name) + 2 for _, name in rows])
-    col = max([12] + [len(n) + 2 for n in names])
-    lines = [f"{'metric':{width}s}" + "".join(f"{n:>{col}s}" for n in names)]
-    for key, row_name in rows:
-        lines.append(f"{row_name:{width}s}" + "".join(f"{table[n].get(key, float('nan')):{col}.4f}" for n in names))
-    return "\n".join(lines)
 
 
 def model_labels(args) -> List[str]:
@@ -112,6 +58,16 @@ def model_labels(args) -> List[str]:
     return [next(short) if c else default for c in checkpoints]
 
 
+def figure_keys(has_labels: bool, has_class_names: bool) -> List[str]:
+    """The metrics of ``metrics.png``: zero-shot accuracy given class names; label precision@1
+    where the data has labels (exact-pair retrieval misleads where many images share a caption's
+    meaning), else the grouped R@1; then the geometry."""
+    keys = ["zero_shot_accuracy"] if has_class_names else []
+    keys += (["image_to_text_label_precision@1", "text_to_image_label_precision@1"] if has_labels
+             else ["image_to_text_R@1", "text_to_image_R@1"])
+    return keys + ["modality_gap", "alignment", "uniformity_joint"]
+
+
 def analyze(args) -> dict:
     """Evaluates every model of ``args``; raises ValueError / FileNotFoundError on bad input."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,7 +79,7 @@ def analyze(args) -> dict:
     labels = None
     if all(p.get("label") is not None for p in pairs):
         labels = torch.tensor([p["label"] for p in pairs])
-    class_names = _class_names(args.class_names)
+    class_names = parse_class_names(args.class_names) if args.class_names is not None else None
     if class_names is not None and labels is None:
         raise ValueError(f"--class-names needs a label for every sample (column {args.label_key!r} or .cls members)")
     if class_names is not None and int(labels.max()) >= len(class_names):
@@ -154,10 +110,8 @@ def analyze(args) -> dict:
                "metrics": os.path.join(args.out, "metrics.png")}
     plot_sphere_projection(features, figures["sphere"])
     plot_cosine_histograms(features, figures["cosines"])
-    keys = ["image_to_text_R@1", "text_to_image_R@1", "modality_gap", "alignment", "uniformity_joint"]
-    if class_names is not None:
-        keys.insert(0, "zero_shot_accuracy")
-    plot_metric_bars(table, keys, figures["metrics"])
+    plot_metric_bars(table, figure_keys(labels is not None, class_names is not None), figures["metrics"],
+                     title=f"{args.data} ({len(pairs)} captions of {num_images} images)")
     report = {"models": table, "data": args.data, "num_pairs": len(pairs), "num_images": num_images,
               "retrieval_protocol": "grouped by image: i2t hit if any of the image's captions is within K; "
                                     "geometry and label precision per pair",

@@ -1,23 +1,57 @@
 """Figures of embedding geometry (matplotlib, no display needed).
 
 Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly: importing this
-module changes no process-wide state (no ``matplotlib.use``, no pyplot figure registry)."""
+module changes no process-wide state (no ``matplotlib.use``, no pyplot figure registry). Each
+function writes a PNG and returns the Figure (for a notebook or a further ``savefig``). Every
+figure says what it shows: panel titles name the model or the metric and which way is better
+(:mod:`m2mix_openclip.report`), legends explain every mark, and the constrained layout keeps
+titles, labels and legends apart and inside the canvas."""
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+import textwrap
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Circle
 
+from .report import metric
 
-def _figure(columns: int, width: float, height: float):
-    """A Figure on its own Agg canvas and its (1, columns) axes."""
-    fig = Figure(figsize=(width * columns, height))
+
+# one colour per model, the same in every figure: the first model (usually the baseline) grey
+MODEL_COLOURS = ("tab:grey", "tab:blue", "tab:red", "tab:green", "tab:purple", "tab:brown", "tab:pink",
+                 "tab:olive", "tab:cyan", "tab:orange")
+IMAGE, TEXT = "tab:blue", "tab:orange"
+
+
+def _figure(columns: int, width: float, height: float, min_width: float = 6.0):
+    """A Figure with the constrained layout on its own Agg canvas, and its (1, columns) axes; at
+    least ``min_width`` inches wide, so that one panel still has room for the titles and notes."""
+    fig = Figure(figsize=(max(width * columns, min_width), height), layout="constrained")
     FigureCanvasAgg(fig)
-    return fig, fig.subplots(1, columns, squeeze=False)
+    return fig, fig.subplots(1, columns, squeeze=False)[0]
+
+
+def _wrap(fig, text: str, points: float) -> str:
+    """``text`` wrapped to the figure's width at a font of ``points`` (about 0.55 em a character)."""
+    chars = max(30, int(fig.get_figwidth() * 72 / (0.55 * points)) - 4)
+    return "\n".join(textwrap.wrap(text, chars))
+
+
+def _note(fig, text: str) -> None:
+    """A small explanatory note under the panels."""
+    fig.supxlabel(_wrap(fig, text, 8), fontsize=8, color="0.25")
+
+
+def _title(fig, text: str) -> None:
+    fig.suptitle(_wrap(fig, text, 11), fontsize=11)
+
+
+def model_colours(names: Sequence[str]) -> Dict[str, str]:
+    return {name: MODEL_COLOURS[i % len(MODEL_COLOURS)] for i, name in enumerate(names)}
 
 
 def gap_plane(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -37,66 +71,111 @@ def gap_plane(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.stack([e1, e2 / e2.norm()], dim=1)
 
 
+
 def plot_sphere_projection(models: Dict[str, Tuple[torch.Tensor, torch.Tensor]], path: str,
-                           max_points: int = 400) -> None:
+                           max_points: int = 400) -> Figure:
     """Each model's images and captions, projected (not centred) on the plane of the modality-gap
     direction and the main direction of spread, then put on the unit circle. Two separate arcs
     are the modality gap; the arrows are each modality's mean embedding (their length, at most 1,
     shows how concentrated the modality is: a narrow cone gives a long arrow)."""
-    fig, axes = _figure(len(models), 4.2, 4.4)
-    for ax, (name, (x, y)) in zip(axes[0], models.items()):
+    fig, axes = _figure(len(models), 3.6, 4.6)
+    for ax, (name, (x, y)) in zip(axes, models.items()):
         basis = gap_plane(x, y)
-        for feats, colour, label in ((x, "tab:blue", "image"), (y, "tab:orange", "text")):
+        for feats, colour in ((x, IMAGE), (y, TEXT)):
             p = feats[:max_points].double() @ basis
             p = p / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            ax.scatter(p[:, 0], p[:, 1], s=6, alpha=0.5, c=colour, label=label)
+            ax.scatter(p[:, 0], p[:, 1], s=6, alpha=0.5, c=colour)
             m = feats.double().mean(0) @ basis
-            ax.annotate("", xy=(m[0], m[1]), xytext=(0, 0),
-                        arrowprops=dict(color=colour, width=2, headwidth=8))
+            ax.annotate("", xy=(m[0], m[1]), xytext=(0, 0), arrowprops=dict(color=colour, width=2, headwidth=8))
         gap = (x.double().mean(0) - y.double().mean(0)).norm().item()
         ax.add_patch(Circle((0, 0), 1.0, fill=False, lw=0.5, color="grey"))
-        ax.set_title(f"{name}\nmodality gap {gap:.3f}")
-        ax.set_xlim(-1.2, 1.2)
-        ax.set_ylim(-1.2, 1.2)
+        ax.set_title(f"{name}\nmodality gap {gap:.3f}", fontsize=10)
+        ax.set_xlim(-1.15, 1.15)
+        ax.set_ylim(-1.15, 1.15)
         ax.set_aspect("equal")
-        ax.set_xlabel("gap direction (mean image - mean text)", fontsize=8)
+        ax.set_xlabel("gap direction (mean image \u2212 mean text) \u2192", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle("Image and caption embeddings on the circle (gap plane, renormalised)")
-    fig.tight_layout()
+    axes[0].set_ylabel("main direction of spread", fontsize=8)
+    handles = [Line2D([], [], ls="", marker="o", ms=4, color=IMAGE, alpha=0.7),
+               Line2D([], [], ls="", marker="o", ms=4, color=TEXT, alpha=0.7),
+               Line2D([], [], color=IMAGE, lw=2, marker=">", ms=6),
+               Line2D([], [], color=TEXT, lw=2, marker=">", ms=6)]
+    # the legend heads the figure and carries its title (a suptitle and a legend above the panels
+    # are not laid out apart by the constrained layout)
+    legend = fig.legend(handles, ["image embedding", "caption embedding", "mean image embedding",
+                                  "mean caption embedding"], loc="outside upper center",
+                        ncols=4 if fig.get_figwidth() > 9 else 2, fontsize=8, frameon=False,
+                        title=_wrap(fig, "Images and captions on the plane of the modality gap", 11),
+                        title_fontproperties={"size": 11})
+    legend.get_title().set_multialignment("center")
+    _note(fig, "Each embedding is projected on the plane of the gap direction and the main direction of spread, "
+               "then put back on the unit circle: two separate arcs are the modality gap. An arrow is a modality's "
+               "mean embedding; the longer it is (at most 1), the narrower that modality's cone.")
     fig.savefig(path, dpi=120)
+    return fig
 
 
 def plot_cosine_histograms(models: Dict[str, Tuple[torch.Tensor, torch.Tensor]], path: str,
-                           max_negatives: int = 200_000) -> None:
-    """Histograms of positive (matching pair) and negative (non-matching) image-text cosines."""
-    fig, axes = _figure(len(models), 4.2, 3.4)
+                           max_negatives: int = 200_000) -> Figure:
+    """Histograms of positive (matching pair) and negative (non-matching) image-text cosines, on
+    one x axis for all models, with each distribution's mean marked."""
+    fig, axes = _figure(len(models), 3.8, 3.6)
     gen = torch.Generator().manual_seed(0)
-    for ax, (name, (x, y)) in zip(axes[0], models.items()):
+    samples = {}
+    for name, (x, y) in models.items():
         n = x.shape[0]
-        positive = (x * y).sum(1)
         i = torch.randint(0, n, (min(max_negatives, n * (n - 1)),), generator=gen)
         j = (i + torch.randint(1, n, i.shape, generator=gen)) % n  # j != i
-        negative = (x[i] * y[j]).sum(1)
-        ax.hist(negative.numpy(), bins=60, density=True, alpha=0.6, label="negative pairs", color="tab:grey")
-        ax.hist(positive.numpy(), bins=60, density=True, alpha=0.6, label="positive pairs", color="tab:green")
-        ax.set_title(name)
-        ax.set_xlabel("cosine similarity")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        samples[name] = ((x * y).sum(1).double(), (x[i] * y[j]).sum(1).double())
+    low = min(float(min(p.min(), q.min())) for p, q in samples.values())
+    high = max(float(max(p.max(), q.max())) for p, q in samples.values())
+    bins = torch.linspace(low, high, 61).numpy()
+    for ax, (name, (positive, negative)) in zip(axes, samples.items()):
+        for values, colour, label in ((negative, "tab:grey", "non-matching pairs"), (positive, "tab:green",
+                                                                                      "matching pairs")):
+            mean = float(values.mean())
+            ax.hist(values.numpy(), bins=bins, density=True, alpha=0.6, color=colour, label=f"{label}, mean {mean:.2f}")
+            ax.axvline(mean, color=colour, ls="--", lw=1)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("cosine similarity", fontsize=9)
+        ax.set_xlim(low, high)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0].set_ylabel("density", fontsize=9)
+    _title(fig, "Cosine similarity of matching and non-matching image-caption pairs")
+    _note(fig, "Dashed lines: the means. The further the matching pairs sit to the right of the non-matching "
+               "ones, the better the pairs are told apart.")
     fig.savefig(path, dpi=120)
+    return fig
 
 
-def plot_metric_bars(table: Dict[str, Dict[str, float]], keys: Sequence[str], path: str) -> None:
-    """One bar group per metric, one bar per model."""
-    fig, axes = _figure(len(keys), 2.6, 3.2)
+def plot_metric_bars(table: Dict[str, Dict[str, float]], keys: Sequence[str], path: str,
+                     title: Optional[str] = None) -> Figure:
+    """One panel per metric, one bar per model (a legend names the models), the value on each
+    bar; panel titles say which way is better; metrics in [0, 1] are drawn on that axis."""
     names = list(table)
-    for ax, key in zip(axes[0], keys):
-        ax.bar(range(len(names)), [table[n].get(key, float("nan")) for n in names],
-               color=["tab:grey", "tab:blue", "tab:red", "tab:green"][:len(names)])
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-        ax.set_title(key, fontsize=9)
-    fig.tight_layout()
+    colours = model_colours(names)
+    fig, axes = _figure(len(keys), 2.5, 3.4)
+    for ax, key in zip(axes, keys):
+        m = metric(key)
+        values = [table[n].get(key, float("nan")) for n in names]
+        bars = ax.bar(range(len(names)), values, color=[colours[n] for n in names])
+        ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=7, padding=2)
+        finite = [v for v in values if v == v]
+        if m.unit:
+            ax.set_ylim(0, 1.12)  # room for the values above a bar at 1
+            ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+        elif finite:
+            low, high = min(finite + [0.0]), max(finite + [0.0])
+            pad = 0.15 * ((high - low) or 1.0)
+            ax.set_ylim(low - (pad if low < 0 else 0), high + (pad if high > 0 else 0))
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xticks([])
+        ax.tick_params(labelsize=8)
+        ax.set_title(m.name + (f"\n{m.direction}" if m.direction else "\n"), fontsize=9)
+    fig.legend([Line2D([], [], ls="", marker="s", ms=8, color=colours[n]) for n in names], names,
+               loc="outside lower center", ncols=min(len(names), 5), fontsize=8, frameon=False)
+    if title:
+        _title(fig, title)
     fig.savefig(path, dpi=120)
+    return fig

@@ -14,7 +14,7 @@ import glob
 import os
 import tarfile
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Sequence, Union
 
 import torch
 import torch.nn.functional as F

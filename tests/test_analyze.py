@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from m2mix_openclip.analyze import format_table, main, short_unique_names
+from m2mix_openclip.analyze import main, short_unique_names
+from m2mix_openclip.report import format_table
 from m2mix_openclip.demo import write_local_model
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange", "pink", "grey"]
@@ -167,3 +168,10 @@ def test_pretrained_that_cannot_be_had_is_one_clean_error(tmp_path, tag, hint):
     first, second = proc.stderr.strip().splitlines()
     assert first.startswith(f"m2mix-analyze: error: cannot load --pretrained '{tag}' for --model 'ViT-B-32': ")
     assert hint in first and second == "(run with --debug for the traceback)"
+
+
+def test_metrics_figure_prefers_label_level_figures():
+    from m2mix_openclip.analyze import figure_keys
+    assert figure_keys(True, True)[:3] == ["zero_shot_accuracy", "image_to_text_label_precision@1",
+                                           "text_to_image_label_precision@1"]
+    assert figure_keys(False, False)[:2] == ["image_to_text_R@1", "text_to_image_R@1"]

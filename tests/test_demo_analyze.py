@@ -67,7 +67,7 @@ def test_demo_writes_every_output_and_is_reproducible(demo):
             assert key in row and row[key] == row[key]  # present and not NaN
     for path in result["figures"].values():
         assert_png(path)
-    assert "modality_gap" in stdout and "finetuned m2mix" in stdout
+    assert "modality gap" in stdout and "alignment (lower: better)" in stdout and "finetuned m2mix" in stdout
     assert "--fast: a smoke test" in stdout  # nobody reads its numbers as results
     assert "M2mix_loss" in (out / "training.log").read_text()
     # stderr holds the progress bars and nothing else: no log line breaks them
@@ -129,3 +129,16 @@ def test_checkpoint_loading_round_trip(demo):
     assert torch.equal(model.state_dict()["logit_scale"], saved["logit_scale"])
     with pytest.raises(ValueError, match="ignores --pretrained"):
         load_model(f"local-dir:{out / 'model'}", pretrained="openai")
+
+
+def test_readme_demo_table_uses_the_printed_names(demo):
+    """The README's demo table names its rows and columns as m2mix-demo prints them."""
+    from m2mix_openclip.report import METRICS
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    table = readme[readme.index("| metric (test split)"):].split("\n\n")[0].splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    models = list(json.loads((demo[0][0] / "results.json").read_text())["models"])
+    assert rows[0][1:] == models
+    printed = {m.row_name for m in METRICS}
+    assert [r[0] for r in rows[2:] if r[0] not in printed] == []
+    assert len(rows) > 8

@@ -1,5 +1,7 @@
-"""The figure helpers: each writes a valid, non-blank PNG; importing them changes no global state."""
+"""The figure helpers: each writes a valid, non-blank PNG whose texts are all inside the canvas and
+apart from each other; the marks are explained; importing them changes no global state."""
 
+import itertools
 import subprocess
 import sys
 
@@ -8,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from matplotlib.text import Text
 
 from m2mix_openclip.plots import gap_plane, plot_cosine_histograms, plot_metric_bars, plot_sphere_projection
 
@@ -32,11 +36,12 @@ def assert_png(path, min_width=300):
 @pytest.mark.parametrize("plot", [plot_sphere_projection, plot_cosine_histograms])
 def test_feature_figures_are_valid_pngs_one_panel_per_model(plot, tmp_path):
     one, two = tmp_path / "one.png", tmp_path / "two.png"
-    plot({"a": features(0)}, str(one))
-    plot({"a": features(0), "b": features(1)}, str(two))
+    first = plot({"a": features(0)}, str(one))
+    second = plot({"a": features(0), "b": features(1)}, str(two))
     assert_png(one)
     assert_png(two)
-    assert Image.open(two).size[0] > 1.5 * Image.open(one).size[0]  # a panel per model
+    assert [ax.get_title().split("\n")[0] for ax in second.axes] == ["a", "b"]  # a panel per model
+    assert len(first.axes) == 1 and Image.open(two).size[0] >= Image.open(one).size[0]
 
 
 def test_metric_bars_is_a_valid_png(tmp_path):
@@ -61,3 +66,73 @@ def test_import_changes_no_global_matplotlib_state():
             "assert 'matplotlib.pyplot' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def layout_problems(fig):
+    """Texts (and legends, as whole boxes) that leave the canvas or overlap one another."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    skip = {id(t) for legend in legends for t in [*legend.texts, legend.get_title()]}
+    for axis in [a for ax in fig.axes for a in (ax.xaxis, ax.yaxis)]:  # ticks outside the view are not drawn
+        low, high = sorted(axis.get_view_interval())
+        skip |= {id(label) for tick in axis.get_major_ticks() if not low - 1e-9 <= tick.get_loc() <= high + 1e-9
+                 for label in (tick.label1, tick.label2)}
+    boxes = [(repr(t.get_text()), t.get_window_extent(renderer)) for t in fig.findobj(Text)
+             if t.get_visible() and t.get_text().strip() and id(t) not in skip]
+    boxes += [(f"legend {[t.get_text() for t in legend.texts]}", legend.get_window_extent(renderer))
+              for legend in legends]
+    canvas = fig.bbox
+    problems = [f"{name} leaves the canvas" for name, box in boxes
+                if box.x0 < -1 or box.y0 < -1 or box.x1 > canvas.x1 + 1 or box.y1 > canvas.y1 + 1]
+    for (a, box_a), (b, box_b) in itertools.combinations(boxes, 2):
+        overlap = box_a.intersection(box_a, box_b)
+        if overlap is not None and overlap.width * overlap.height > 4:  # more than touching
+            problems.append(f"{a} overlaps {b}")
+    return problems
+
+
+def texts(fig):
+    return [t.get_text() for t in fig.findobj(Text) if t.get_visible()]
+
+
+LONG = "finetuned-m2mix/checkpoints/epoch_10.pt"
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_feature_figures_keep_their_texts_apart_and_inside(count, tmp_path):
+    models = {name: features(i) for i, name in enumerate(["pretrained", "finetuned clip", LONG][:count])}
+    sphere = plot_sphere_projection(models, str(tmp_path / "s.png"))
+    assert layout_problems(sphere) == []
+    legend = [t.get_text() for t in sphere.legends[0].texts]
+    assert legend == ["image embedding", "caption embedding", "mean image embedding", "mean caption embedding"]
+    assert any("modality gap" in t for t in texts(sphere))
+    cosines = plot_cosine_histograms(models, str(tmp_path / "c.png"))
+    assert layout_problems(cosines) == []
+    assert sum("matching pairs, mean" in t for t in texts(cosines)) == 2 * count
+    x_ranges = {ax.get_xlim() for ax in cosines.axes}
+    assert len(x_ranges) == 1  # one x axis for every model: the panels compare
+
+
+@pytest.mark.parametrize("keys", [["alignment"], ["zero_shot_accuracy", "image_to_text_label_precision@1",
+                                                  "modality_gap", "uniformity_joint", "alignment", "zzz"]])
+def test_metric_bars_explain_themselves(keys, tmp_path):
+    table = {name: {k: v for k, v in zip(keys, values)} for name, values in
+             [("pretrained", [0.958, 0.965, 0.24, -2.6, 0.69, 3.0]), ("clip", [0.96, 0.97, 0.29, -2.46, 0.66, 4.0]),
+              (LONG, [1.0, 0.96, 0.24, -2.41, 0.6, 5.0])]}
+    fig = plot_metric_bars(table, keys, str(tmp_path / "m.png"), title="three models")
+    assert layout_problems(fig) == []
+    assert [t.get_text() for t in fig.legends[0].texts] == list(table)  # the models, named once
+    titles = [ax.get_title() for ax in fig.axes]
+    expected = {"alignment": "alignment\nlower is better \u2193", "zero_shot_accuracy":
+                "zero-shot accuracy\nhigher is better \u2191", "modality_gap": "modality gap\n", "zzz": "zzz\n",
+                "uniformity_joint": "uniformity, joint\nlower is better \u2193",
+                "image_to_text_label_precision@1": "image->text label precision@1\nhigher is better \u2191"}
+    assert titles == [expected[k] for k in keys]
+    for ax, key in zip(fig.axes, keys):
+        shown = [t.get_text() for t in ax.texts]  # the value on each bar
+        assert shown == [f"{table[n][key]:.3f}" for n in table]
+        low, high = ax.get_ylim()
+        if key in ("zero_shot_accuracy", "image_to_text_label_precision@1"):
+            assert (low, high) == (0, 1.12)  # a metric in [0, 1] on that axis, with room for the labels
+        assert low <= min(0.0, *[table[n][key] for n in table]) and high >= max(0.0, *[table[n][key] for n in table])

@@ -5,7 +5,6 @@ import math
 import open_clip
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from m2mix_openclip.demo import write_local_model

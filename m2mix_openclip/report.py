@@ -1,0 +1,96 @@
+"""What the tools call each metric, in which order they print it, and which way is better.
+
+One table of metrics serves the tables of ``m2mix-analyze`` and ``m2mix-demo`` (row names and
+order) and the figures of :mod:`m2mix_openclip.plots` (panel titles, "lower is better" marks,
+axis ranges), so that a figure, a table and the README say the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional
+
+__all__ = ["Metric", "METRICS", "metric", "ordered_keys", "format_table"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """key: the key in results; name: the row name and panel title; better: "higher", "lower",
+    or None for a description that is not a score (the modality gap, mean cosines); unit: the
+    metric lies in [0, 1] (bars are drawn on that axis)."""
+    key: str
+    name: str
+    better: Optional[str] = None
+    unit: bool = False
+
+    @property
+    def row_name(self) -> str:
+        """The table's row name: the name, marked when lower is better."""
+        return f"{self.name} (lower: better)" if self.better == "lower" else self.name
+
+    @property
+    def direction(self) -> str:
+        """A figure's note under the title: which way is better, or an empty string."""
+        return {"higher": "higher is better \u2191", "lower": "lower is better \u2193"}.get(self.better, "")
+
+
+def _zero_shot(shift: str, words: str) -> Metric:
+    return Metric(f"zero_shot_accuracy_{shift}", f"zero-shot accuracy, {words}", "higher", True)
+
+
+# in the order the tables print them; keys not listed follow by name
+METRICS = (
+    Metric("zero_shot_accuracy", "zero-shot accuracy", "higher", True),
+    _zero_shot("rotate", "rotated 30\u00b0"),
+    _zero_shot("blur", "blurred"),
+    _zero_shot("noise", "noisy"),
+    Metric("zero_shot_ece", "zero-shot ECE", "lower", True),
+    Metric("image_to_text_R@1", "image->text R@1", "higher", True),
+    Metric("image_to_text_R@5", "image->text R@5", "higher", True),
+    Metric("image_to_text_R@10", "image->text R@10", "higher", True),
+    Metric("text_to_image_R@1", "text->image R@1", "higher", True),
+    Metric("text_to_image_R@5", "text->image R@5", "higher", True),
+    Metric("text_to_image_R@10", "text->image R@10", "higher", True),
+    Metric("image_to_text_label_precision@1", "image->text label precision@1", "higher", True),
+    Metric("text_to_image_label_precision@1", "text->image label precision@1", "higher", True),
+    Metric("image_to_text_ece", "image->text ECE", "lower", True),
+    Metric("text_to_image_ece", "text->image ECE", "lower", True),
+    Metric("alignment", "alignment", "lower"),
+    Metric("uniformity_joint", "uniformity, joint", "lower"),
+    Metric("uniformity_image", "uniformity, image", "lower"),
+    Metric("uniformity_text", "uniformity, text", "lower"),
+    Metric("relative_alignment", "relative alignment", "lower"),
+    Metric("modality_gap", "modality gap"),
+    Metric("positive_cosine", "mean positive cosine"),
+    Metric("negative_cosine", "mean negative cosine"),
+    Metric("simat_dev", "SIMAT dev (best scale)", "higher"),
+    Metric("simat_dev_scale", "SIMAT dev: best scale"),
+    Metric("simat_test", "SIMAT test (best scale)", "higher"),
+    Metric("simat_test_scale", "SIMAT test: best scale"),
+)
+_BY_KEY = {m.key: m for m in METRICS}
+
+
+def metric(key: str) -> Metric:
+    """The metric of ``key``; an unknown key is its own name, with no direction."""
+    return _BY_KEY.get(key, Metric(key, key))
+
+
+def ordered_keys(keys: Iterable[str]) -> List[str]:
+    """The known keys in :data:`METRICS` order, then the others by name."""
+    keys = set(keys)
+    return [m.key for m in METRICS if m.key in keys] + sorted(keys - set(_BY_KEY))
+
+
+def format_table(table: Dict[str, Dict[str, float]], keys: Optional[Iterable[str]] = None) -> str:
+    """Models as columns, metrics as rows (``keys``, default every key of any model), in
+    :func:`ordered_keys` order; a metric a model lacks prints as nan."""
+    names = list(table)
+    keys = ordered_keys(keys if keys is not None else set().union(*(row.keys() for row in table.values())))
+    rows = [(k, metric(k).row_name) for k in keys]
+    width = max([34] + [len(name) + 2 for _, name in rows])
+    col = max([12] + [len(n) + 2 for n in names])
+    lines = [f"{'metric':{width}s}" + "".join(f"{n:>{col}s}" for n in names)]
+    for key, row_name in rows:
+        lines.append(f"{row_name:{width}s}" + "".join(f"{table[n].get(key, float('nan')):{col}.4f}" for n in names))
+    return "\n".join(lines)
