@@ -98,7 +98,8 @@ def group_by_image(pairs: Sequence[dict]) -> Tuple[List[int], torch.Tensor]:
     return first_rows, torch.tensor(caption_image, dtype=torch.long)
 
 
-def _open_image(image):
+def open_image(image):
+    """An RGB PIL image from a path or from encoded bytes (a webdataset member)."""
     return Image.open(io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image).convert("RGB")
 
 
@@ -198,7 +199,7 @@ def encode_images(model, preprocess, images: Sequence, batch_size: int = 256, de
     from tqdm import tqdm
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
-        pixels = torch.stack([preprocess(_open_image(im)) for im in images[start:start + batch_size]]).to(device)
+        pixels = torch.stack([preprocess(open_image(im)) for im in images[start:start + batch_size]]).to(device)
         out.append(F.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
     return torch.cat(out)
 

@@ -157,7 +157,7 @@ def zero_shot_classifier(model, tokenizer, class_names: Sequence[str], templates
 def zero_shot_logits(model, preprocess, images: Sequence, classifier: torch.Tensor, batch_size: int = 256,
                      device="cpu", autocast=contextlib.nullcontext, input_dtype=None) -> torch.Tensor:
     """(N, C) float32 cosine similarities of each image to each class, images embedded in batches."""
-    from .evaluation import _open_image as open_image  # one way to read a path or encoded bytes
+    from .evaluation import open_image  # one way to read a path or encoded bytes
     out = []
     for start in range(0, len(images), batch_size):
         pixels = torch.stack([preprocess(open_image(im)) for im in images[start:start + batch_size]])
