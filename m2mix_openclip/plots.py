@@ -140,7 +140,7 @@ def plot_cosine_histograms(models: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("cosine similarity", fontsize=9)
         ax.set_xlim(low, high)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="best")  # where it covers the fewest bars
     axes[0].set_ylabel("density", fontsize=9)
     _title(fig, "Cosine similarity of matching and non-matching image-caption pairs")
     _note(fig, "Dashed lines: the means. The further the matching pairs sit to the right of the non-matching "

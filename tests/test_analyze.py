@@ -164,8 +164,10 @@ def test_pretrained_that_cannot_be_had_is_one_clean_error(tmp_path, tag, hint):
                           capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"), timeout=300)
     assert proc.returncode == 2
-    # our error and the --debug hint, not OpenCLIP's own ERROR line before them
-    first, second = proc.stderr.strip().splitlines()
+    # our error and the --debug hint end the output, and OpenCLIP's own ERROR line is not before them
+    *before, first, second = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and not [line for line in before if "Failed to download" in line
+                                                   or "Pretrained tag or path" in line]
     assert first.startswith(f"m2mix-analyze: error: cannot load --pretrained '{tag}' for --model 'ViT-B-32': ")
     assert hint in first and second == "(run with --debug for the traceback)"
 

@@ -61,4 +61,4 @@ def test_missing_image_then_rerun_then_resume_latest(env):
     # now it has a checkpoint: the refusal says --resume latest continues from it
     done = launcher(*argv, "--train-data", env["csv"], check=False)
     assert done.returncode == 2
-    assert "(1 checkpoint(s), newest epoch_1.pt; --resume latest continues from the newest)" in done.stderr
+    assert "already holds a run (--resume latest continues from epoch_1.pt)" in done.stderr

@@ -107,30 +107,63 @@ def test_a_mistyped_flag_gets_the_nearest_known_one():
     assert suggest_flags("argument --lr: invalid float value", known) is None
 
 
-def test_a_name_whose_folder_holds_a_run(tmp_path):
+@pytest.fixture
+def ranks(monkeypatch):
+    """Sets the launcher's rank variables as torchrun does."""
+    for key in ("LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "RANK", "PMI_RANK",
+                "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS",
+                "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+
+    def set_ranks(local, rank, world):
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+    return set_ranks
+
+
+def test_a_name_whose_folder_holds_a_run(tmp_path, ranks):
     run = tmp_path / "logs" / "exp"
-    args = make_args(logs=str(tmp_path / "logs"), name="exp", resume=None)
+    args = make_args(logs=str(tmp_path / "logs"), name="exp", resume=None, log_local=False, save_most_recent=False)
     check_args(args)  # no folder yet
     (run / "checkpoints").mkdir(parents=True)
     check_args(args)  # a folder without a log (OpenCLIP made it, nothing ran): OpenCLIP takes it too
-    (run / "out-0.log").write_text("")  # --log-local writes out-RANK.log
-    with pytest.raises(PreflightError, match=r"^--name exp: .*exp already holds a run \(no checkpoint: .*out-0\.log"):
+    (run / "out.log").write_text("")
+    with pytest.raises(PreflightError, match=r"^--name exp: .*exp already holds a run \(no checkpoint to resume "
+                                             r"from: .*out\.log; --resume latest starts again in the same folder\)"):
         check_args(args)
-    for name in ("epoch_2.pt", "epoch_10.pt"):
+    for name in ("epoch_10.pt", "epoch_2.pt"):
         (run / "checkpoints" / name).write_bytes(b"")
-    os.utime(run / "checkpoints" / "epoch_2.pt", (0, 0))  # older, although it sorts after epoch_10.pt
-    with pytest.raises(PreflightError, match=r"\(2 checkpoint\(s\), newest epoch_10\.pt; --resume latest continues"):
+    # OpenCLIP's --resume latest takes the last name in natural order, whatever the times
+    os.utime(run / "checkpoints" / "epoch_10.pt", (0, 0))
+    with pytest.raises(PreflightError, match=r"\(--resume latest continues from epoch_10\.pt\)"):
         check_args(args)
-    check_args(make_args(logs=str(tmp_path / "logs"), name="exp", resume="latest"))
-    check_args(make_args(logs=str(tmp_path / "logs"), name=None, resume=None))  # OpenCLIP names it by the time
+    # with --save-most-recent OpenCLIP reads only epoch_latest.pt
+    with pytest.raises(PreflightError, match=r"\(no checkpoint to resume from"):
+        check_args(make_args(**{**vars(args), "save_most_recent": True}))
+    check_args(make_args(**{**vars(args), "resume": "latest"}))
+    check_args(make_args(**{**vars(args), "name": None}))  # OpenCLIP names it by the time
+
+    # only where OpenCLIP looks: rank 0 (another rank would see the log that rank 0 has just made)
+    ranks(local=1, rank=1, world=8)
+    check_args(args)
+    ranks(local=0, rank=8, world=16)  # local rank 0 of the second node: not global rank 0
+    check_args(args)
+    # --log-local: out-RANK (no extension) on each node's local rank 0; out.log is not that file
+    local = make_args(**{**vars(args), "log_local": True})
+    check_args(local)
+    (run / "out-8").write_text("")
+    with pytest.raises(PreflightError, match=r"already holds a run \(--resume latest continues from epoch_10\.pt\)"):
+        check_args(local)
 
 
 def test_report_to_a_package_that_is_missing(csv_file, monkeypatch):
-    import importlib.util
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    import sys
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # what OpenCLIP imports fails
     for report_to in ("tensorboard", "wandb,tensorboard", "all"):
         with pytest.raises(PreflightError, match=r"^--report-to tensorboard needs the tensorboard package, which is "
                                                  r"not installed: pip install 'm2mix-openclip\[tensorboard\]'"):
-            check_args(make_args(train_data=str(csv_file), report_to=report_to))
+            check_args(make_args(train_data=str(csv_file), report_to=report_to, logs="./logs"))
     check_args(make_args(train_data=str(csv_file), report_to=""))
+    # OpenCLIP needs tensorboard only where it saves logs
+    check_args(make_args(train_data=str(csv_file), report_to="tensorboard", logs="none"))

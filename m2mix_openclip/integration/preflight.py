@@ -102,41 +102,63 @@ def _check_data(flag: str, spec: Optional[str], args) -> None:
             "shards, or pass --dataset-type csv|webdataset")
 
 
-def _world_size() -> int:
-    for key in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        value = os.environ.get(key)
-        if value and value.isdigit():
-            return int(value)
-    return 1
-
-
-def _checkpoints(folder: str) -> list:
+def _trainer_module(name: str):
+    """A module of the installed OpenCLIP trainer (``open_clip_train`` or ``training``), or None."""
+    from . import openclip_compat
     try:
-        names = [n for n in os.listdir(folder) if n.endswith(".pt")]
-    except OSError:
-        return []
-    return sorted(names, key=lambda n: os.path.getmtime(os.path.join(folder, n)))
+        return importlib.import_module(f"{openclip_compat.require_trainer().package}.{name}")
+    except (ImportError, openclip_compat.UnsupportedOpenCLIP):
+        return None
+
+
+def _world_info():
+    """(local rank, global rank, world size) from the launcher's environment, read by OpenCLIP's
+    own ``world_info_from_env`` (torchrun, SLURM, MPI), as its trainer will read them."""
+    distributed = _trainer_module("distributed")
+    if distributed is not None and hasattr(distributed, "world_info_from_env"):
+        return distributed.world_info_from_env()
+    return 0, 0, 1
+
+
+def _world_size() -> int:
+    return _world_info()[2]
+
+
+def _latest_checkpoint(folder: str, save_most_recent: bool) -> Optional[str]:
+    """The checkpoint OpenCLIP's ``--resume latest`` would take (its own rule, where it has one)."""
+    if save_most_recent:  # OpenCLIP then reads only epoch_latest.pt
+        path = os.path.join(folder, "epoch_latest.pt")
+        return path if os.path.exists(path) else None
+    main = _trainer_module("main")
+    if main is not None and hasattr(main, "get_latest_checkpoint"):
+        return main.get_latest_checkpoint(folder, remote=False)
+    found = sorted(glob.glob(os.path.join(glob.escape(folder), "*.pt")))
+    return found[-1] if found else None
 
 
 def _check_experiment(args) -> None:
-    """OpenCLIP refuses a ``--name`` whose ``logs/NAME`` holds a log, unless ``--resume latest``,
-    with a message that does not name the folder and no exit status; say which run it is and how
-    to go on: ``--resume latest`` continues from its newest checkpoint, or starts again in the
-    same folder when a failed run left none."""
+    """OpenCLIP refuses a ``--name`` whose log file exists, unless ``--resume latest``, with a
+    message that does not name the folder and no exit status; say which run it is and how to go
+    on. The same file, on the same process, as OpenCLIP: ``logs/NAME/out.log`` on global rank 0,
+    or ``out-RANK`` on each node's local rank 0 with ``--log-local`` (another rank would find the
+    log that rank 0 of this very run has just created)."""
     name, logs = getattr(args, "name", None), getattr(args, "logs", None)
     if not name or not logs or getattr(args, "resume", None) == "latest":
         return
-    folder = os.path.join(logs, name)
-    logs_found = glob.glob(os.path.join(folder, "out*.log"))
-    if not logs_found:
+    local_rank, rank, _ = _world_info()
+    log_local = getattr(args, "log_local", False)
+    if (local_rank if log_local else rank) != 0:
         return
-    checkpoints = _checkpoints(os.path.join(folder, "checkpoints"))
-    if checkpoints:
-        held = (f"{len(checkpoints)} checkpoint(s), newest {checkpoints[-1]}; --resume latest continues "
-                "from the newest")
+    folder = os.path.join(logs, name)
+    log_file = os.path.join(folder, f"out-{rank}" if log_local else "out.log")
+    if not os.path.exists(log_file):
+        return
+    latest = _latest_checkpoint(os.path.join(folder, "checkpoints"), getattr(args, "save_most_recent", False))
+    if latest:
+        held = f"--resume latest continues from {os.path.basename(latest)}"
     else:
-        held = ("no checkpoint: a run that failed or stopped before its first save? read its "
-                f"{os.path.basename(logs_found[0])}; --resume latest starts again in the same folder")
+        held = (f"no checkpoint to resume from: a run that failed or stopped before its first save? read "
+                f"{log_file}; --resume latest starts again in the same folder")
     raise PreflightError(
         f"--name {name}: {folder} already holds a run ({held}); or choose another --name, or remove "
         f"{folder} to start over")
@@ -147,11 +169,26 @@ REPORTERS = {"tensorboard": ("tensorboard", "pip install 'm2mix-openclip[tensorb
              "wandb": ("wandb", "pip install wandb")}
 
 
+def _importable(module: str) -> bool:
+    if module == "tensorboard":  # what OpenCLIP imports; it fails for a tensorboard torch cannot use
+        try:
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError:
+            return False
+        return True
+    return importlib.util.find_spec(module) is not None
+
+
 def _check_reporters(args) -> None:
-    """OpenCLIP asserts "Please install tensorboard." only after it has built the model."""
+    """OpenCLIP asserts "Please install tensorboard." only after it has built the model (and
+    only where it saves logs: not with ``--logs none``)."""
+    logs = getattr(args, "logs", None)
+    saves_logs = bool(logs) and logs.lower() != "none"
     targets = [t.strip() for t in (getattr(args, "report_to", "") or "").split(",") if t.strip()]
     for name, (module, install) in REPORTERS.items():
-        if (name in targets or "all" in targets) and importlib.util.find_spec(module) is None:
+        if name == "tensorboard" and not saves_logs:
+            continue
+        if (name in targets or "all" in targets) and not _importable(module):
             raise PreflightError(f"--report-to {name} needs the {module} package, which is not installed: {install}")
 
 
