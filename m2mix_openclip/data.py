@@ -78,12 +78,6 @@ def to_image(scan: np.ndarray, size: int = 32, shift: Optional[str] = None, seed
     return img.convert("RGB")
 
 
-def _png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_dataset(out_dir: str, splits: Sequence[str] = SPLITS, limit: Optional[int] = None,
                   shard_size: int = 256, shifts: Sequence[str] = SHIFTS, size: int = 32) -> Dict[str, dict]:
     """Writes every split as CSV (tab-separated, ``filepath`` / ``title`` / ``label``) and as

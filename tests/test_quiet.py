@@ -4,7 +4,7 @@ import logging
 import subprocess
 import sys
 
-from m2mix_openclip.integration.quiet import no_random_init_warning, quiet_torch_loggers
+from m2mix_openclip.integration.quiet import RANDOM_INIT, dropped_log_messages, quiet_torch_loggers
 
 
 def test_random_init_warning_is_dropped_only_inside_the_context(tmp_path, caplog):
@@ -12,7 +12,7 @@ def test_random_init_warning_is_dropped_only_inside_the_context(tmp_path, caplog
     from m2mix_openclip.demo import write_local_model
     model = write_local_model(str(tmp_path / "m"))
     with caplog.at_level(logging.INFO):
-        with no_random_init_warning():
+        with dropped_log_messages(*RANDOM_INIT):
             open_clip.create_model(model)
         assert "initialized randomly" not in caplog.text
         open_clip.create_model(model)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-__all__ = ["quiet_torch_loggers", "no_random_init_warning", "dropped_log_messages", "RANDOM_INIT",
-           "PRETRAINED_FAILURE"]
+__all__ = ["quiet_torch_loggers", "dropped_log_messages", "RANDOM_INIT", "PRETRAINED_FAILURE"]
 
 
 def quiet_torch_loggers(level: int = logging.WARNING) -> None:
@@ -54,9 +53,3 @@ def dropped_log_messages(*fragments: str):
         logging.root.removeFilter(drop)
         for handler in handlers:
             handler.removeFilter(drop)
-
-
-def no_random_init_warning():
-    """Within the context, OpenCLIP's "Model initialized randomly" warnings are dropped: for tools
-    that load a checkpoint into the model right after creating it."""
-    return dropped_log_messages(*RANDOM_INIT)

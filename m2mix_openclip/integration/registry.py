@@ -56,27 +56,30 @@ class PluginError(ValueError):
     """An unknown plugin name, or a plugin that cannot be loaded; the message names it."""
 
 
-@dataclass(frozen=True)
-class LossPlugin:
-    """A loss that OpenCLIP's trainer can build by name (``--loss NAME``); see the module docstring."""
+@dataclass(frozen=True, kw_only=True)
+class _PluginOptions:
+    """What every plugin may offer beside its one callable: its flags, their check, a line of help."""
 
-    build: Callable
     add_arguments: Optional[Callable] = None
     validate: Optional[Callable] = None
     description: str = ""
+
+
+@dataclass(frozen=True)
+class LossPlugin(_PluginOptions):
+    """A loss that OpenCLIP's trainer can build by name (``--loss NAME``); see the module docstring."""
+
+    build: Callable
 
     def __call__(self, args):
         return self.build(args)
 
 
 @dataclass(frozen=True)
-class EvalHook:
+class EvalHook(_PluginOptions):
     """A metric computed with the model at every evaluation; see the module docstring."""
 
     run: Callable
-    add_arguments: Optional[Callable] = None
-    validate: Optional[Callable] = None
-    description: str = ""
 
     def __call__(self, model, tokenizer, preprocess, epoch, args) -> Dict[str, float]:
         return self.run(model, tokenizer, preprocess, epoch, args)
