@@ -31,7 +31,8 @@ CAPTION_TEMPLATES = [
     "number {name} in pen",
     "a low resolution {digit}",
 ]
-ZERO_SHOT_TEMPLATES = ["a handwritten digit {name}", "a scan of the number {digit}", "the digit {digit}, written by hand"]
+ZERO_SHOT_TEMPLATES = ["a handwritten digit {name}", "a scan of the number {digit}",
+                       "the digit {digit}, written by hand"]
 SPLITS = ("pretrain", "finetune", "test")
 SHIFTS = ("rotate", "blur", "noise")
 

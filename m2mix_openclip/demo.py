@@ -22,8 +22,8 @@ import time
 import torch
 
 from .data import CLASS_NAMES, SHIFTS, ZERO_SHOT_TEMPLATES, write_dataset
+from .evaluation import class_text_features, encode, evaluate_features, load_model, load_pairs, zero_shot_metrics
 from .integration import openclip_compat
-from .evaluation import class_text_features, encode, evaluate_features, load_pairs, load_model, zero_shot_metrics
 from .plots import plot_cosine_histograms, plot_metric_bars, plot_sphere_projection
 from .report import format_table
 
@@ -115,8 +115,9 @@ def run_demo(args) -> dict:
                                            finetune + ["--loss", "clip"], log)
     stages.update()
     stages.set_postfix_str("fine-tuning with --loss m2mix")
+    m2mix_flags = ["--loss", "m2mix", "--m2mix-weight", str(args.m2mix_weight)]
     checkpoints["finetuned m2mix"] = _train("finetune-m2mix", args, out, model_name, args.finetune_epochs,
-                                            finetune + ["--loss", "m2mix", "--m2mix-weight", str(args.m2mix_weight)], log)
+                                            finetune + m2mix_flags, log)
     stages.update()
 
     stages.set_postfix_str("evaluating")

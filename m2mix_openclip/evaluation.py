@@ -155,6 +155,7 @@ def load_model(model_name: str, checkpoint: Optional[str] = None, pretrained: Op
             or pretrained weights that cannot be had (not cached and no network).
     """
     import open_clip
+
     from .integration.quiet import PRETRAINED_FAILURE, RANDOM_INIT, dropped_log_messages
     if model_name.startswith("local-dir:") and pretrained:
         raise ValueError("OpenCLIP ignores --pretrained for local-dir: models; pass --checkpoint instead")

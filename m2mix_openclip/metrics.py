@@ -82,7 +82,8 @@ def embedding_geometry(
     - ``uniformity_image``, ``uniformity_text``: :math:`\log \frac{2}{N(N-1)}\sum_{i<j} e^{-t\lVert u_i - u_j\rVert^2}`
       within one modality (t = 2; lower is more uniform);
     - ``uniformity_joint``: the same over the 2N points of both modalities together;
-    - ``relative_alignment``: :math:`\frac1N\sum_i \big(\lVert y_i - x_i\rVert^2 - \min_{j\ne i}\lVert y_i - x_j\rVert^2\big)`
+    - ``relative_alignment``:
+      :math:`\frac1N\sum_i \big(\lVert y_i - x_i\rVert^2 - \min_{j\ne i}\lVert y_i - x_j\rVert^2\big)`
       (negative when each caption is nearer its own image than any other);
     - ``modality_gap``: :math:`\lVert \bar x - \bar y \rVert` (Liang et al. 2022);
     - ``positive_cosine``: mean :math:`\langle x_i, y_i\rangle`; ``negative_cosine``: mean over

@@ -20,7 +20,6 @@ from matplotlib.patches import Circle
 
 from .report import metric
 
-
 # one colour per model, the same in every figure: the first model (usually the baseline) grey
 MODEL_COLOURS = ("tab:grey", "tab:blue", "tab:red", "tab:green", "tab:purple", "tab:brown", "tab:pink",
                  "tab:olive", "tab:cyan", "tab:orange")

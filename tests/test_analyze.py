@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from m2mix_openclip.analyze import main, short_unique_names
-from m2mix_openclip.report import format_table
 from m2mix_openclip.demo import write_local_model
+from m2mix_openclip.report import format_table
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange", "pink", "grey"]
 
@@ -47,7 +47,8 @@ def plain_grouped_recall(model, preprocess, tokenizer, rows):
     t2i hit when the caption's image is the top image."""
     paths = sorted({p for p, _, _ in rows})
     with torch.no_grad():
-        x = F.normalize(model.encode_image(torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])), dim=-1)
+        pixels = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])
+        x = F.normalize(model.encode_image(pixels), dim=-1)
         y = F.normalize(model.encode_text(tokenizer([c for _, c, _ in rows])), dim=-1)
     s = x @ y.T
     i2t = sum(rows[int(s[i].argmax())][0] == paths[i] for i in range(len(paths))) / len(paths)
@@ -142,6 +143,7 @@ def test_debug_shows_the_traceback(tiny, tmp_path):
 
 def test_class_names_without_labels_is_an_error_not_an_exit(tiny, tmp_path):
     from argparse import Namespace
+
     from m2mix_openclip.analyze import analyze, build_parser
     base, model_name, _ = tiny
     with open(tmp_path / "nolabel.csv", "w") as f:

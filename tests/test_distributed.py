@@ -5,13 +5,13 @@ import os
 import socket
 
 import pytest
+import reference as ref
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from m2mix_openclip import M2MixLoss
-import reference as ref
 
 WORLD, BATCH, DIM = 2, 5, 8
 CONFIGS = list(itertools.product([False, True], [False, True]))  # (local_loss, gather_with_grad)

@@ -2,8 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2mix_openclip.evaluation import (embedding_arithmetic, expected_calibration_error, grouped_retrieval,
-                                       retrieval_metrics)
+from m2mix_openclip.evaluation import (
+    embedding_arithmetic,
+    expected_calibration_error,
+    grouped_retrieval,
+    retrieval_metrics,
+)
 
 
 def test_ece_hand_worked():

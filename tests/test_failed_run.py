@@ -4,9 +4,9 @@ import csv
 import os
 
 import pytest
+from trainer_utils import common_args, launcher, read_log, write_tiny_model
 
 from m2mix_openclip.data import write_dataset
-from trainer_utils import common_args, launcher, read_log, write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,8 @@ def test_missing_image_then_rerun_then_resume_latest(env):
     assert failed.returncode == 1, failed.stderr[-2000:]
     assert "Traceback" not in failed.stderr
     last = failed.stderr.strip().splitlines()[-1]
-    assert last == f"m2mix-train: error: {broken} line 6: image {os.path.join(str(env['base']), 'gone.png')!r} not found"
+    gone = os.path.join(str(env['base']), 'gone.png')
+    assert last == f"m2mix-train: error: {broken} line 6: image {gone!r} not found"
     assert os.path.isfile(logs / "run" / "out.log")
     assert not os.listdir(logs / "run" / "checkpoints")
 

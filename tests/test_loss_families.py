@@ -6,14 +6,14 @@ import time
 from argparse import Namespace
 
 import pytest
+import reference as ref
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from open_clip.loss import CoCaLoss, DistillClipLoss, SigLipLoss
-
-import reference as ref
 from test_distributed import _free_port
+
 from m2mix_openclip import M2MixCoCaLoss, M2MixDistillLoss, M2MixLoss, M2MixSigLipLoss
 from m2mix_openclip.integration.families import build_m2mix_loss, loss_family, validate_family
 
@@ -217,7 +217,8 @@ def test_forward_and_backward_make_no_host_transfer(case):
 @pytest.mark.parametrize("family", ["siglip", "coca", "distill"])
 def test_nan_features_give_a_nonfinite_loss_and_no_exception(family):
     cases = {
-        "siglip": (M2MixSigLipLoss(m2mix_weight=0.5), dict(logit_scale=torch.tensor(10.0), logit_bias=torch.tensor(-10.0))),
+        "siglip": (M2MixSigLipLoss(m2mix_weight=0.5),
+                   dict(logit_scale=torch.tensor(10.0), logit_bias=torch.tensor(-10.0))),
         "coca": (M2MixCoCaLoss(caption_loss_weight=1.0, clip_loss_weight=1.0, **SOFTMAX_TERMS),
                  {k: v for k, v in coca_outputs(dim=16).items() if k not in ("image_features", "text_features")}),
         "distill": (M2MixDistillLoss(**SOFTMAX_TERMS),

@@ -4,10 +4,10 @@ import copy
 import os
 
 import pytest
+from trainer_utils import common_args, launcher, logged_lambdas, logged_losses, read_log
 
 from m2mix_openclip.data import write_dataset
 from m2mix_openclip.demo import TINY_MODEL, write_local_model
-from trainer_utils import common_args, launcher, logged_lambdas, logged_losses, read_log
 
 pytestmark = pytest.mark.slow
 

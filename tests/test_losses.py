@@ -1,10 +1,10 @@
 import pytest
+import reference as ref
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from m2mix_openclip import M2MixLoss
-import reference as ref
 
 
 def features(n=6, d=8, seed=0, dtype=torch.float64):
@@ -214,7 +214,7 @@ def test_cross_entropy_with_positive_matches_scatter_and_gradcheck():
     ours = _CrossEntropyWithPositive.apply(logits, positive, target)
     plain = F.cross_entropy(logits.scatter(1, target[:, None], positive[:, None]), target)
     torch.testing.assert_close(ours, plain)
-    assert torch.autograd.gradcheck(lambda l, p: _CrossEntropyWithPositive.apply(l, p, target), (logits, positive))
+    assert torch.autograd.gradcheck(lambda lg, p: _CrossEntropyWithPositive.apply(lg, p, target), (logits, positive))
     again = _CrossEntropyWithPositive.apply(logits, positive, target)
     first = torch.autograd.grad(again, [logits, positive], retain_graph=True)
     second = torch.autograd.grad(again, [logits, positive])

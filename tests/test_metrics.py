@@ -1,12 +1,12 @@
 import math
 
 import pytest
+import reference as ref
 import torch
 import torch.nn.functional as F
 
 from m2mix_openclip import embedding_geometry
 from m2mix_openclip.metrics import uniformity
-import reference as ref
 
 
 def pairs(n=40, d=6, seed=0, shift=0.0):

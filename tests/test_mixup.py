@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import slerp
 
 from m2mix_openclip import geodesic_mix, sample_beta
-from reference import slerp
 
 
 def unit(n, d, seed=0, dtype=torch.float32):

@@ -13,31 +13,34 @@ import shutil
 import sys
 
 import pytest
+import reference as ref
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from packaging.requirements import Requirement
+from trainer_utils import GEOMETRY_KEYS, launcher, logged_lambdas, read_log, results, run
 
-import reference as ref
 from m2mix_openclip import M2MixLoss
 from m2mix_openclip.data import write_dataset
 from m2mix_openclip.demo import write_local_model
 from m2mix_openclip.integration import launcher as m2mix_launcher
 from m2mix_openclip.integration import openclip_compat as compat
-from trainer_utils import GEOMETRY_KEYS, launcher, logged_lambdas, read_log, results, run
 
 VERSION = compat.openclip_version()
 
 # Read from each release's own files (trainer folder, params.py, loss.py, factory.py, tokenizer),
 # not from the adapter, which must find the same.
 RELEASES = {
-    "2.20.0": dict(package="training", device=False, loss_dist_impl=False, logit_bias=False, local_dir=False, tokens=77),
-    "2.24.0": dict(package="training", device=False, loss_dist_impl=False, logit_bias=False, local_dir=False, tokens=16),
+    "2.20.0": dict(package="training", device=False, loss_dist_impl=False, logit_bias=False, local_dir=False,
+                   tokens=77),
+    "2.24.0": dict(package="training", device=False, loss_dist_impl=False, logit_bias=False, local_dir=False,
+                   tokens=16),
     "2.26.1": dict(package="open_clip_train", device=False, loss_dist_impl=False, logit_bias=False, local_dir=False,
                    tokens=16),
     "2.32.0": dict(package="open_clip_train", device=True, loss_dist_impl=True, logit_bias=True, local_dir=False,
                    tokens=16),
-    "3.3.0": dict(package="open_clip_train", device=True, loss_dist_impl=True, logit_bias=True, local_dir=True, tokens=16),
+    "3.3.0": dict(package="open_clip_train", device=True, loss_dist_impl=True, logit_bias=True, local_dir=True,
+                  tokens=16),
 }
 
 
@@ -320,7 +323,8 @@ def test_the_matching_patch_applies_to_this_wheel_trains_and_reverts(trained, tm
     run(patch)
     assert (site / package / "plugins.py").exists()
     # OpenCLIP's own main knows no local-dir: before 3.0: the tiny model as a built-in config instead
-    shutil.copytree(os.path.dirname(open_clip.__file__), site / "open_clip", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(os.path.dirname(open_clip.__file__), site / "open_clip",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     with open(os.path.join(trained["model"][len("local-dir:"):], "open_clip_config.json")) as f:
         (site / "open_clip" / "model_configs" / "m2mix-tiny.json").write_text(json.dumps(json.load(f)["model_cfg"]))
     args = list(trained["args"])

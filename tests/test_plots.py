@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from matplotlib.text import Text
+from PIL import Image
 
 from m2mix_openclip.plots import gap_plane, plot_cosine_histograms, plot_metric_bars, plot_sphere_projection
 

@@ -5,8 +5,13 @@ import os
 
 import pytest
 
-from m2mix_openclip.integration.preflight import (MissingImageError, PreflightError, check_args, one_line,
-                                                  report_missing_images)
+from m2mix_openclip.integration.preflight import (
+    MissingImageError,
+    PreflightError,
+    check_args,
+    one_line,
+    report_missing_images,
+)
 
 
 def make_args(**overrides):

@@ -9,6 +9,7 @@ from m2mix_openclip.integration.quiet import RANDOM_INIT, dropped_log_messages, 
 
 def test_random_init_warning_is_dropped_only_inside_the_context(tmp_path, caplog):
     import open_clip
+
     from m2mix_openclip.demo import write_local_model
     model = write_local_model(str(tmp_path / "m"))
     with caplog.at_level(logging.INFO):

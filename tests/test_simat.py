@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from m2mix_openclip.analyze import main as analyze_main
 from m2mix_openclip.demo import write_local_model
 from m2mix_openclip.evaluation import embedding_arithmetic
-from m2mix_openclip.analyze import main as analyze_main
 from m2mix_openclip.simat import load_simat, simat_evaluate, simat_scores
 
 
@@ -17,7 +17,7 @@ def write_db(folder, regions, transfos, similarity, image_colours=None):
     """regions: region ids in dataset_id order; transfos: (region, value, target, target_ids, norm2, is_test)."""
     (folder / "images" / "images").mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
-    for k, region in enumerate(regions):
+    for region in regions:
         pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(folder / "images" / "images" / f"{region}.png")
     # the benchmark's column order, with its unnamed index column first

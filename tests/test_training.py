@@ -2,16 +2,27 @@
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
-import socket
 import textwrap
 
 import pytest
+from trainer_utils import (
+    GEOMETRY_KEYS,
+    common_args,
+    csv_args,
+    launcher,
+    logged_lambdas,
+    logged_losses,
+    logged_scalars,
+    read_log,
+    results,
+    run,
+    write_tiny_model,
+)
 
 from m2mix_openclip.data import write_dataset
-from trainer_utils import (GEOMETRY_KEYS, common_args, csv_args, launcher, logged_lambdas, logged_losses,
-                           logged_scalars, read_log, results, run, write_tiny_model)
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,8 +93,9 @@ def test_accum_freq_2(env):
     assert "M2mix_loss" in log and "Vmix_loss" in log
     # 48 samples, micro-batches of 8, 2 per optimizer step: 3 steps, each logged, one lambda per step,
     # the seeded generator's sequence (m2mix's lambda, then vmix's, every step)
-    from m2mix_openclip.mixup import sample_beta
     import torch
+
+    from m2mix_openclip.mixup import sample_beta
     scalars = logged_scalars(log)
     g = torch.Generator().manual_seed(0)
     expected = []

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from m2mix_openclip.data import CLASS_NAMES, write_dataset
 from m2mix_openclip.integration import zeroshot_hook
-from m2mix_openclip.zeroshot import (load_labelled_set, parse_class_names, parse_templates, zero_shot_scores)
+from m2mix_openclip.zeroshot import load_labelled_set, parse_class_names, parse_templates, zero_shot_scores
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +109,9 @@ def test_flag_parsing():
 
 def test_hook_equals_an_independent_computation(digits, tmp_path):
     import open_clip
-    from m2mix_openclip.demo import write_local_model
     from PIL import Image
+
+    from m2mix_openclip.demo import write_local_model
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms(write_local_model(str(tmp_path / "m")))
     tokenizer = open_clip.get_tokenizer(write_local_model(str(tmp_path / "m")))

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from trainer_utils import common_args, csv_args, launcher, results, write_tiny_model
 
 from m2mix_openclip.data import CLASS_NAMES, write_dataset
 from m2mix_openclip.zeroshot import load_labelled_set
-from trainer_utils import common_args, csv_args, launcher, results, write_tiny_model
 
 pytestmark = pytest.mark.slow
 TEMPLATES = ["a handwritten digit {c}", "the number {c}"]
@@ -50,7 +50,8 @@ def test_two_sets_tracked_at_every_evaluation(env, tmp_path):
     # an evaluation hook from a second installed distribution: a plain function is enough
     site = tmp_path / "site"
     (site / "scale_hook-0.1.dist-info").mkdir(parents=True)
-    (site / "scale_hook-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: scale-hook\nVersion: 0.1\n")
+    (site / "scale_hook-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: scale-hook\nVersion: 0.1\n")
     (site / "scale_hook-0.1.dist-info" / "entry_points.txt").write_text(
         "[open_clip.eval_hooks]\nscale = scale_hook:hook\n")
     (site / "scale_hook.py").write_text(

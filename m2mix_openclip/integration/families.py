@@ -50,7 +50,9 @@ def build_m2mix_loss(args, **mixing):
     # With --accum-freq N OpenCLIP calls the loss N times per optimizer step: one lambda per step.
     mixing.setdefault("calls_per_step", getattr(args, "accum_freq", 1))
     if family == "siglip":
-        return M2MixSigLipLoss(rank=args.rank, world_size=args.world_size, dist_impl=getattr(args, "loss_dist_impl", None), **mixing)  # the flag exists from OpenCLIP 2.30
+        # --loss-dist-impl exists from OpenCLIP 2.30
+        return M2MixSigLipLoss(rank=args.rank, world_size=args.world_size,
+                               dist_impl=getattr(args, "loss_dist_impl", None), **mixing)
     softmax_args = dict(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
                         rank=args.rank, world_size=args.world_size, use_horovod=args.horovod)
     if family == "coca":

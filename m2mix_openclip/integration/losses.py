@@ -24,7 +24,8 @@ def _validate_m2mix(args):
     if family_error:
         return family_error
     if not options_from_args(args).enabled_terms:
-        return "--loss m2mix with every mixing weight at 0 is OpenCLIP's own loss; use --loss clip (or set a weight > 0)"
+        return ("--loss m2mix with every mixing weight at 0 is OpenCLIP's own loss; use --loss clip "
+                "(or set a weight > 0)")
     return None
 
 
@@ -33,6 +34,8 @@ def _build_m2mix(args):
     return build_m2mix_loss(args, seed=args.seed if args.mix_seed is None else args.mix_seed, **options.as_kwargs())
 
 
-CLIP_LOSS = LossPlugin(build=_build_clip, description="OpenCLIP's own loss (ClipLoss, or SigLIP/CoCa/distillation by its flags)")
+CLIP_LOSS = LossPlugin(build=_build_clip,
+                       description="OpenCLIP's own loss (ClipLoss, or SigLIP/CoCa/distillation by its flags)")
 M2MIX_LOSS = LossPlugin(build=_build_m2mix, add_arguments=_add_m2mix_arguments, validate=_validate_m2mix,
-                        description="OpenCLIP's loss (CLIP, SigLIP, CoCa or distillation) + geodesic multi-modal mixup (Oh et al., NeurIPS 2023)")
+                        description="OpenCLIP's loss (CLIP, SigLIP, CoCa or distillation) + geodesic multi-modal "
+                                    "mixup (Oh et al., NeurIPS 2023)")

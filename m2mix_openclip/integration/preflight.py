@@ -62,7 +62,8 @@ def _check_csv(flag: str, path: str, args) -> None:
         seen = _sniff_separator(header)
         hint = ""
         if seen is not None and seen != args.csv_separator:
-            hint = f"; the file looks {'tab' if seen == chr(9) else repr(seen)}-separated: pass --csv-separator {seen!r}"
+            looks = "tab" if seen == "\t" else repr(seen)
+            hint = f"; the file looks {looks}-separated: pass --csv-separator {seen!r}"
         raise PreflightError(
             f"{flag} {path}: no column {missing[0]!r} with separator {args.csv_separator!r} "
             f"(columns found: {columns}){hint}; or set --csv-img-key / --csv-caption-key")
@@ -70,7 +71,8 @@ def _check_csv(flag: str, path: str, args) -> None:
         raise PreflightError(f"{flag} {path}: the CSV holds a header and no rows")
     image = first[args.csv_img_key]
     if not os.path.isfile(image):
-        relative = "" if os.path.isabs(image) else f" (relative paths are read from the current directory, {os.getcwd()})"
+        relative = ("" if os.path.isabs(image)
+                    else f" (relative paths are read from the current directory, {os.getcwd()})")
         raise PreflightError(f"{flag} {path}: line 2 names image {image!r}, which does not exist{relative}")
 
 
@@ -85,7 +87,8 @@ def _check_shards(flag: str, spec: str) -> None:
             example = missing[0]
             raise PreflightError(
                 f"{flag} {pattern}: {len(missing)} of {len(paths)} shard(s) not found, e.g. {example}"
-                + ("" if "{" in pattern or len(paths) > 1 else "; use a brace pattern such as 'shard-{000000..000009}.tar'"))
+                + ("" if "{" in pattern or len(paths) > 1
+                   else "; use a brace pattern such as 'shard-{000000..000009}.tar'"))
 
 
 def _check_data(flag: str, spec: Optional[str], args) -> None:

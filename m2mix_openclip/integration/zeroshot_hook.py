@@ -21,9 +21,16 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..zeroshot import (
+    LabelledSet,
+    load_labelled_set,
+    parse_class_names,
+    parse_templates,
+    zero_shot_classifier,
+    zero_shot_logits,
+    zero_shot_scores,
+)
 from .registry import EvalHook
-from ..zeroshot import (LabelledSet, load_labelled_set, parse_class_names, parse_templates,
-                        zero_shot_classifier, zero_shot_logits, zero_shot_scores)
 
 _NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 _loaded: Dict[Tuple[str, str], LabelledSet] = {}  # kept out of args: OpenCLIP writes args to params.txt

@@ -7,12 +7,12 @@
 - :mod:`.siglip`: ``M2MixSigLipLoss``, for OpenCLIP's ``SigLipLoss`` (mixes as sigmoid negatives).
 """
 
+from open_clip import loss as _open_clip_loss
+
 from .clip import M2MixLoss
 from .coca import M2MixCoCaLoss
 from .distill import M2MixDistillLoss
 from .mixing import MIX_PAIRINGS, MIX_SCHEDULES
-
-from open_clip import loss as _open_clip_loss
 
 if hasattr(_open_clip_loss, "SigLipLoss"):
     from .siglip import M2MixSigLipLoss

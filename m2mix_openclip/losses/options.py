@@ -64,7 +64,8 @@ class MixOptions:
     m2mix_temperature: Optional[float] = _option(
         0.07, "Temperature of the m²-Mix logits, or 'learned' for the model's logit_scale (with --siglip a "
               "number t also fixes the bias at -1/t)", temperature_value)
-    vmix_weight: float = _option(0.0, "Weight of V-Mix, images mixed with images (CLIP, CoCa, distillation; not --siglip)", weight_value)
+    vmix_weight: float = _option(
+        0.0, "Weight of V-Mix, images mixed with images (CLIP, CoCa, distillation; not --siglip)", weight_value)
     lmix_weight: float = _option(0.0, "Weight of L-Mix, captions mixed with captions (not --siglip)", weight_value)
     vlmix_weight: float = _option(0.0, "Weight of VL-Mix, both mixed with one lambda (not --siglip)", weight_value)
     unimix_alpha: float = _option(0.5, "lambda ~ Beta(a, a) for V-Mix, L-Mix and VL-Mix", positive_value)

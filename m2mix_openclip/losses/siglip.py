@@ -7,7 +7,6 @@ neighbour-exchange functions that carry chunks between processes with their grad
 from __future__ import annotations
 
 import inspect
-
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -36,9 +35,11 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
     step and :math:`m_j = \mathrm{slerp}(x_j, y_j, \lambda)`:
 
     .. math::
-        \mathcal{L} = \underbrace{\frac{1}{G}\sum_{i,j} -\log\sigma\big(z_{ij}(t\langle x_i, y_j\rangle + b)\big)}_{\texttt{SigLipLoss}}
+        \mathcal{L} = \underbrace{\frac{1}{G}\sum_{i,j}
+                -\log\sigma\big(z_{ij}(t\langle x_i, y_j\rangle + b)\big)}_{\texttt{SigLipLoss}}
           + w\, f(e)\, \frac{1}{2G(G-1)} \sum_i \sum_{j \ne i}
-            \Big[-\log\sigma\big(-(s\langle x_i, m_j\rangle + \beta)\big) - \log\sigma\big(-(s\langle y_i, m_j\rangle + \beta)\big)\Big]
+            \Big[-\log\sigma\big(-(s\langle x_i, m_j\rangle + \beta)\big)
+                 - \log\sigma\big(-(s\langle y_i, m_j\rangle + \beta)\big)\Big]
 
     with :math:`z_{ij} = 1` for :math:`i = j`, else :math:`-1`; :math:`t, b` the model's
     learned ``logit_scale`` and ``logit_bias``; :math:`w` = ``m2mix_weight`` and :math:`f(e)`
@@ -143,7 +144,8 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
                 yield to_right, 1.0
         elif self.dist_impl == "reduce":
             for i in range(world):
-                yield torch.distributed.nn.all_reduce(payload * (rank == i), torch.distributed.ReduceOp.SUM), float(i != rank)
+                chunk = torch.distributed.nn.all_reduce(payload * (rank == i), torch.distributed.ReduceOp.SUM)
+                yield chunk, float(i != rank)
         elif self.dist_impl == "gather":
             for i, chunk in enumerate(torch.distributed.nn.all_gather(payload)):
                 yield chunk, float(i != rank)

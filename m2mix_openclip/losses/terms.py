@@ -115,8 +115,10 @@ def m2mix_softmax_term(image_rows: torch.Tensor, text_rows: torch.Tensor, mixed:
 
     .. math::
         \mathcal{L} = \frac{1}{2R}\sum_{i} \Big[
-            -\log\frac{e^{s\langle x_i, y_i\rangle}}{e^{s\langle x_i, y_i\rangle} + \sum_{j\ne i} e^{s\langle x_i, m_j\rangle}}
-            -\log\frac{e^{s\langle y_i, x_i\rangle}}{e^{s\langle y_i, x_i\rangle} + \sum_{j\ne i} e^{s\langle y_i, m_j\rangle}}
+            -\log\frac{e^{s\langle x_i, y_i\rangle}}
+                      {e^{s\langle x_i, y_i\rangle} + \sum_{j\ne i} e^{s\langle x_i, m_j\rangle}}
+            -\log\frac{e^{s\langle y_i, x_i\rangle}}
+                      {e^{s\langle y_i, x_i\rangle} + \sum_{j\ne i} e^{s\langle y_i, m_j\rangle}}
         \Big]
 
     (the reference implementation sums the two directions; the mean here matches ``ClipLoss``).
