@@ -36,8 +36,8 @@ def test_bad_options_name_the_field(kwargs, match):
         M2MixLoss(**kwargs)
 
 
-def test_readme_flag_table_follows_the_options_dataclass():
-    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-    with open(readme) as f:
+def test_docs_flag_table_follows_the_options_dataclass():
+    page = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "training.md")
+    with open(page) as f:
         text = f.read()
     assert flag_table() in text
