@@ -10,7 +10,8 @@ The package's source is read (not run) and these count as a version or feature t
   through the adapter), ``inspect.signature`` (or ``__code__`` and friends) of one, an OpenCLIP
   import inside ``try ... except ImportError``, ``find_spec`` of an OpenCLIP package;
 - a trainer flag that not every supported release has (``FLAGS_NOT_IN_EVERY_RELEASE``), looked
-  up with ``getattr(args, name, default)`` or ``hasattr(args, name)``;
+  up with ``getattr(args, name, default)``, ``hasattr(args, name)``, ``name in vars(args)`` or
+  ``vars(args).get(name)``;
 - a ``#`` comment that names an OpenCLIP release ("OpenCLIP 2.20's ...", "before OpenCLIP 3.0")
   beside code that does not ask the adapter: code written for a release, answered elsewhere.
 """
@@ -53,6 +54,11 @@ def _root(node):
 def _called_name(call: ast.Call) -> str:
     func = call.func
     return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+
+
+def _is_vars(func) -> bool:
+    """``func`` is ``vars(...).get``."""
+    return isinstance(func, ast.Attribute) and isinstance(func.value, ast.Call) and _called_name(func.value) == "vars"
 
 
 def _literal(node):
@@ -128,12 +134,19 @@ def version_and_feature_tests(source: str):
             elif name in ("getattr", "hasattr") and len(args) >= 2 and literals[1] in FLAGS_NOT_IN_EVERY_RELEASE \
                     and (name == "hasattr" or len(args) == 3):
                 found.append((node.lineno, f"looks up the trainer flag {literals[1]!r}, which not every release has"))
+            elif name == "get" and literals and literals[0] in FLAGS_NOT_IN_EVERY_RELEASE and _is_vars(node.func):
+                found.append((node.lineno, f"looks up the trainer flag {literals[0]!r}, which not every release has"))
             elif name in INTROSPECTION and args and facts._is_openclip_object(args[0]):
                 found.append((node.lineno, f"inspect.{name} of an OpenCLIP callable"))
             elif name in ("version", "metadata", "distribution", "requires") and "open_clip_torch" in literals:
                 found.append((node.lineno, f"reads the installed open_clip_torch's {name}"))
             elif name == "find_spec" and literals and literals[0] and _is_openclip_module(literals[0]):
                 found.append((node.lineno, f"find_spec({literals[0]!r})"))
+        elif isinstance(node, ast.Compare) and _literal(node.left) in FLAGS_NOT_IN_EVERY_RELEASE \
+                and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops) \
+                and any(isinstance(c, ast.Call) and _called_name(c) == "vars" for c in node.comparators):
+            found.append((node.lineno, f"looks up the trainer flag {_literal(node.left)!r}, which not every "
+                                       "release has"))
         elif isinstance(node, ast.Try):
             catches_import_error = any(
                 h.type is not None and any(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError")
@@ -203,6 +216,8 @@ def test_no_openclip_version_or_feature_test_outside_the_adapter():
     ("import open_clip\nold = open_clip.__version__ < '2.30'\n", "reads OpenCLIP's __version__"),
     ("import importlib.metadata as m\nv = m.version('open_clip_torch')\n", "open_clip_torch's version"),
     ("def f(args):\n    return getattr(args, 'loss_dist_impl', None)\n", "'loss_dist_impl'"),
+    ("def f(args):\n    return 'siglip' in vars(args)\n", "trainer flag 'siglip'"),
+    ("def f(args):\n    return vars(args).get('device')\n", "trainer flag 'device'"),
     ("try:\n    from open_clip_train import main\nexcept ImportError:\n    main = None\n", "try/except ImportError"),
     ("import importlib\ndef trainer(name):\n    return importlib.import_module('training.' + name)\n"
      "main = trainer('main')\nok = hasattr(main, 'get_latest_checkpoint')\n", "hasattr on an OpenCLIP object"),
@@ -222,6 +237,7 @@ def test_the_detector_finds(source, what):
     "def f(loss, args):\n    return hasattr(loss, 'set_epoch') and getattr(args, 'wandb', False)\n",
     "import open_clip\nmodel = open_clip.create_model('ViT-B-32')\nok = hasattr(model, 'logit_bias')\n",
     "import open_clip\nfn = getattr(open_clip, 'create_model')\n",
+    "def f(args):\n    return args.device  # a tool's own --device, which it always has\n",
 ])
 def test_the_detector_passes(source):
     assert version_and_feature_tests(source) == []

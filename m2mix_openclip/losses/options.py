@@ -17,7 +17,7 @@ try:
 except ImportError:  # Python 3.10
     from typing_extensions import Unpack
 
-__all__ = ["MixOptions", "MixKeywords", "Unpack", "MIX_SCHEDULES", "MIX_PAIRINGS", "MIX_TERMS",
+__all__ = ["MixOptions", "MixKeywords", "MIX_SCHEDULES", "MIX_PAIRINGS", "MIX_TERMS",
            "SIGLIP_UNIMODAL_REASON", "mix_options", "signature_with_options", "add_flags", "options_from_args",
            "flag_table"]
 
