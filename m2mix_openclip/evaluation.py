@@ -173,8 +173,7 @@ def load_model(model_name: str, checkpoint: Optional[str] = None, pretrained: Op
         if not pretrained:
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        tags = open_clip.list_pretrained_tags_by_model(model_name) if hasattr(
-            open_clip, "list_pretrained_tags_by_model") else []
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
         if tags and pretrained not in tags and not os.path.exists(pretrained):
             hint = f"the tags of {model_name!r}: {', '.join(tags)}"
         else:

@@ -214,6 +214,26 @@ def test_forward_and_backward_make_no_host_transfer(case):
         assert t.grad is not None and t.grad.shape == t.shape
 
 
+def test_every_family_checks_its_inputs_with_the_same_words():
+    """One check (the mixin's), known on the host: meta tensors suffice."""
+    x, y, scale = meta(6, 16), meta(6, 16), meta(())
+    calls = [(M2MixLoss(), dict(image_features=x, text_features=y, logit_scale=scale))]
+    calls += [call[:2] for call in family_calls()[1:]]
+    bad_inputs = {
+        "shape": (dict(text_features=meta(5, 16)), r"image_features and text_features must both be \(batch, dim\) "
+                                                    r"with the same shape, got \(6, 16\) and \(5, 16\)$"),
+        "one pair": (dict(image_features=meta(1, 16), text_features=meta(1, 16)),
+                     r"^{} needs at least 2 image-text pairs in the \(global\) batch to form negatives, got 1; "
+                     r"increase --batch-size$"),
+        "mix_lambda": (dict(mix_lambda=1.5), r"^mix_lambda must be a float in \[0, 1\], got 1.5$"),
+    }
+    assert len(calls) == 4
+    for loss, outputs in calls:
+        for change, pattern in bad_inputs.values():
+            with pytest.raises(ValueError, match=pattern.format(type(loss).__name__)):
+                loss(**{**outputs, **change})
+
+
 @pytest.mark.parametrize("family", ["siglip", "coca", "distill"])
 def test_nan_features_give_a_nonfinite_loss_and_no_exception(family):
     cases = {

@@ -6,21 +6,25 @@ with only OpenCLIP swapped for 2.20.0, 2.24.0, 2.26.1, 2.32.0 and 3.3.0 (``M2MIX
 names the release it installed).
 """
 
+import importlib
 import importlib.metadata
+import inspect
 import json
 import os
 import shutil
 import sys
 
+import open_clip.loss
 import pytest
 import reference as ref
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from packaging.requirements import Requirement
+from packaging.version import Version
 from trainer_utils import GEOMETRY_KEYS, launcher, logged_lambdas, read_log, results, run
 
-from m2mix_openclip import M2MixLoss
+from m2mix_openclip import M2MixLoss, M2MixSigLipLoss
 from m2mix_openclip.data import write_dataset
 from m2mix_openclip.demo import write_local_model
 from m2mix_openclip.integration import launcher as m2mix_launcher
@@ -32,21 +36,35 @@ VERSION = compat.openclip_version()
 # not from the adapter, which must find the same.
 RELEASES = {
     "2.20.0": dict(package="training", device=False, loss_dist_impl=False, logit_bias=False, local_dir=False,
-                   tokens=77),
+                   tokens=77, siglip=False, siglip_dist_impl=False),
     "2.24.0": dict(package="training", device=False, loss_dist_impl=False, logit_bias=False, local_dir=False,
-                   tokens=16),
+                   tokens=16, siglip=True, siglip_dist_impl=False),
     "2.26.1": dict(package="open_clip_train", device=False, loss_dist_impl=False, logit_bias=False, local_dir=False,
-                   tokens=16),
+                   tokens=16, siglip=True, siglip_dist_impl=False),
     "2.32.0": dict(package="open_clip_train", device=True, loss_dist_impl=True, logit_bias=True, local_dir=False,
-                   tokens=16),
+                   tokens=16, siglip=True, siglip_dist_impl=True),
     "3.3.0": dict(package="open_clip_train", device=True, loss_dist_impl=True, logit_bias=True, local_dir=True,
-                  tokens=16),
+                  tokens=16, siglip=True, siglip_dist_impl=True),
 }
 
 
 def unit_features(n=12, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return F.normalize(torch.randn(n, d, generator=g), dim=1), F.normalize(torch.randn(n, d, generator=g), dim=1)
+
+
+def clip_loss_takes_logit_bias() -> bool:
+    """Whether this release's ``ClipLoss.forward`` takes ``logit_bias`` (2.32 on): only the tests
+    ask; the losses take it on every release."""
+    return "logit_bias" in inspect.signature(ClipLoss.forward).parameters
+
+
+def resume_loads_own_checkpoints() -> bool:
+    """False where OpenCLIP's ``--resume`` of its own checkpoint fails: its scheduler writes numpy
+    learning rates into the optimizer state (before 2.30), and torch >= 2.6 loads with
+    ``weights_only=True`` by default."""
+    scheduler = importlib.import_module(f"{compat.require_trainer().package}.scheduler")
+    return not (hasattr(scheduler, "np") and Version(torch.__version__).release >= (2, 6))
 
 
 def wheel_top_level_packages():
@@ -78,9 +96,25 @@ def test_the_adapter_reads_this_release():
     assert compat.require_trainer().package == facts["package"]
     assert compat.has_flag("--device") is facts["device"]
     assert compat.has_flag("--loss-dist-impl") is facts["loss_dist_impl"]
-    assert compat.loss_takes_logit_bias() is facts["logit_bias"]
+    assert clip_loss_takes_logit_bias() is facts["logit_bias"]
     assert compat.native_local_dir() is facts["local_dir"]
     assert compat.tokenizer_context_length(16) == facts["tokens"]
+    assert compat.has_siglip_loss() is facts["siglip"] and compat.has_flag("--siglip") is facts["siglip"]
+    if facts["siglip"]:
+        assert compat.siglip_loss_takes_dist_impl() is facts["siglip_dist_impl"]
+
+
+def test_the_adapter_reads_this_releases_parsed_arguments():
+    """``--siglip`` and ``--loss-dist-impl`` as this release's own parser fills them in, or not at all."""
+    params = compat.require_trainer().params
+    plain = params.parse_args([])
+    assert compat.siglip_requested(plain) is False and compat.loss_dist_impl(plain) is None
+    assert ("siglip" in vars(plain)) is compat.has_flag("--siglip")
+    assert ("loss_dist_impl" in vars(plain)) is compat.has_flag("--loss-dist-impl")
+    if compat.has_flag("--siglip"):
+        assert compat.siglip_requested(params.parse_args(["--siglip"])) is True
+    if compat.has_flag("--loss-dist-impl"):
+        assert compat.loss_dist_impl(params.parse_args(["--loss-dist-impl", "shift"])) == "shift"
 
 
 def test_flags_are_the_trainers_own():
@@ -141,11 +175,33 @@ def test_contrastive_loss_equals_this_releases_clip_loss():
     torch.testing.assert_close(ours, ClipLoss()(x, y, scale), rtol=1e-6, atol=1e-6)
     independent = ref.clip_terms(x.double(), y.double(), x.double(), y.double(), 0, 30.0)
     torch.testing.assert_close(ours.double(), independent, rtol=1e-6, atol=1e-6)
-    if compat.loss_takes_logit_bias():  # 2.32 on: the trainer may pass logit_bias
+    if clip_loss_takes_logit_bias():  # 2.32 on: the trainer may pass logit_bias
         for bias in (None, torch.tensor(-3.0)):
             torch.testing.assert_close(
                 M2MixLoss()(x, y, scale, logit_bias=bias, output_dict=True)["contrastive_loss"],
                 ClipLoss()(x, y, scale, logit_bias=bias, output_dict=True)["contrastive_loss"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(compat.has_siglip_loss(), reason="this release has SigLipLoss")
+def test_without_siglip_loss_the_other_families_import():
+    assert not hasattr(open_clip.loss, "SigLipLoss") and M2MixSigLipLoss is None
+    assert M2MixLoss(m2mix_weight=0.1).enabled_terms == ["m2mix"]
+
+
+@pytest.mark.skipif(not compat.has_siglip_loss(), reason="no SigLipLoss in this release")
+@pytest.mark.parametrize("dist_impl", [None, "bidir", "shift", "reduce", "gather"])
+def test_siglip_loss_equals_this_releases_siglip_loss_for_every_dist_impl(dist_impl):
+    """``dist_impl`` is taken on every release (SigLipLoss takes it from 2.30), and kept."""
+    x, y = unit_features()
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    ours = M2MixSigLipLoss(dist_impl=dist_impl, m2mix_weight=0.5, mix_schedule="constant")
+    assert ours.dist_impl == (dist_impl or "bidir")
+    terms = ours(x, y, scale, bias, output_dict=True, mix_lambda=0.4)
+    theirs = open_clip.loss.SigLipLoss()(x, y, scale, bias)
+    torch.testing.assert_close(terms["contrastive_loss"], theirs, rtol=1e-6, atol=1e-6)
+    assert set(terms) == {"contrastive_loss", "m2mix_loss"} and torch.isfinite(terms["m2mix_loss"])
+    with pytest.raises(ValueError, match=r"unknown dist_impl 'ring'; choose one of \['bidir', 'shift', 'reduce'"):
+        M2MixSigLipLoss(dist_impl="ring")
 
 
 def test_loss_takes_the_model_output_of_this_release(tmp_path):
@@ -264,7 +320,7 @@ class KnownUpstreamResumeFailure(Exception):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(not compat.resume_loads_own_checkpoints(), strict=True, raises=KnownUpstreamResumeFailure,
+@pytest.mark.xfail(not resume_loads_own_checkpoints(), strict=True, raises=KnownUpstreamResumeFailure,
                    reason="OpenCLIP before 2.30 stores numpy learning rates in the optimizer state, which "
                           "torch >= 2.6 refuses to unpickle with weights_only=True (fixed upstream in 2.30)")
 def test_resume_latest_continues_training(trained):

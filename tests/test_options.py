@@ -1,12 +1,23 @@
-"""MixOptions: the one source of the mixing options, their flags and the README table."""
+"""MixOptions: the one source of the mixing options, their checks, the loss constructors'
+keywords and signatures, the flags and the README table."""
 
 import argparse
+import dataclasses
+import inspect
 import os
+import pydoc
+import typing
 
 import pytest
 
-from m2mix_openclip import M2MixLoss
-from m2mix_openclip.losses.options import MixOptions, add_flags, flag_table, options_from_args
+from m2mix_openclip import M2MixCoCaLoss, M2MixDistillLoss, M2MixLoss, M2MixSigLipLoss
+from m2mix_openclip.losses.options import MixKeywords, MixOptions, Unpack, add_flags, flag_table, options_from_args
+
+FAMILIES = {  # each loss class, with the arguments it needs besides the options
+    M2MixLoss: {}, M2MixSigLipLoss: {}, M2MixDistillLoss: {},
+    M2MixCoCaLoss: {"caption_loss_weight": 2.0, "clip_loss_weight": 1.0},
+}
+OPTION_HINTS = typing.get_type_hints(MixOptions)
 
 
 def test_flags_parse_into_the_options_the_loss_takes():
@@ -41,3 +52,97 @@ def test_docs_flag_table_follows_the_options_dataclass():
     with open(page) as f:
         text = f.read()
     assert flag_table() in text
+
+
+# -- the loss constructors take MixOptions, and show its fields -------------------------------------
+def test_the_keyword_type_lists_the_options_fields_with_their_types():
+    assert list(typing.get_type_hints(MixKeywords).items()) == [
+        (f.name, OPTION_HINTS[f.name]) for f in dataclasses.fields(MixOptions)]
+    assert MixKeywords.__total__ is False  # every keyword may be left out
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda c: c.__name__)
+def test_signature_and_help_show_every_option_with_its_type_and_default(family):
+    parameters = inspect.signature(family).parameters
+    for f in dataclasses.fields(MixOptions):
+        parameter = parameters[f.name]
+        assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, f.name
+        assert (parameter.default, parameter.annotation) == (f.default, OPTION_HINTS[f.name]), f.name
+    for name, default in (("options", None), ("seed", 0), ("calls_per_step", 1)):
+        assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY and parameters[name].default == default
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    # what editors read from the source: **mixing typed by PEP 692
+    assert typing.get_type_hints(family.__init__)["mixing"] == Unpack[MixKeywords]
+    text = pydoc.render_doc(family, renderer=pydoc.plaintext)
+    assert "m2mix_weight: float = 0.02" in text and "mix_schedule: str = 'inverse-epoch'" in text
+    assert "m2mix_temperature: Optional[float] = 0.07" in text
+
+
+def test_a_loss_class_whose_mixing_keywords_are_untyped_is_refused_where_it_is_defined():
+    from open_clip.loss import ClipLoss
+
+    from m2mix_openclip.losses.clip import SoftmaxMixingMixin
+
+    with pytest.raises(TypeError, match=r"Untyped.__init__: annotate \*\*mixing as Unpack\[MixKeywords\]"):
+        class Untyped(SoftmaxMixingMixin, ClipLoss):
+            def __init__(self, **mixing):
+                super().__init__(**mixing)
+
+
+BAD_OPTIONS = [
+    {"m2mix_weight": -1}, {"m2mix_weight": float("nan")}, {"vmix_weight": float("inf")}, {"m2mix_alpha": 0},
+    {"unimix_alpha": -0.5}, {"m2mix_temperature": 0.0}, {"unimix_temperature": "hot"},
+    {"mix_pairing": "shuffle"}, {"mix_schedule": "cosine"},
+]
+
+
+@pytest.mark.parametrize("bad", BAD_OPTIONS, ids=lambda kw: next(iter(kw)))
+def test_bad_options_raise_the_same_error_from_every_constructor(bad):
+    with pytest.raises(ValueError) as reference:
+        MixOptions(**bad)
+    expected = str(reference.value)
+    assert next(iter(bad)) in expected  # it names the option
+    ways = []
+    for family, needed in FAMILIES.items():
+        ways += [lambda f=family, n=needed: f(**n, **bad),
+                 lambda f=family, n=needed: f(**n, options=MixOptions(m2mix_weight=0.1), **bad)]
+        loss = family(**needed)
+        ways.append(lambda loss=loss: setattr(loss, next(iter(bad)), next(iter(bad.values()))))
+    for way in ways:
+        with pytest.raises(ValueError) as raised:
+            way()
+        assert str(raised.value) == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda c: c.__name__)
+def test_options_and_keywords_give_the_same_loss(family):
+    needed = FAMILIES[family]
+    chosen = MixOptions(m2mix_weight=0.1, m2mix_temperature=None, mix_schedule="constant")
+    by_options = family(**needed, options=chosen, seed=3, calls_per_step=2)
+    by_keywords = family(**needed, seed=3, calls_per_step=2, **chosen.as_kwargs())
+    assert by_options.options == by_keywords.options == chosen
+    assert (by_options.seed, by_options.calls_per_step) == (3, 2)
+    assert by_options.m2mix_temperature is None and by_options.enabled_terms == ["m2mix"]
+    # keywords replace the fields of the options they come with
+    assert family(**needed, options=chosen, m2mix_alpha=0.2).options == dataclasses.replace(chosen, m2mix_alpha=0.2)
+    assert family(**needed).options == MixOptions()
+
+
+def test_setting_an_option_replaces_the_checked_options():
+    loss = M2MixLoss(m2mix_weight=0.1)
+    loss.vmix_weight = 0.3
+    assert loss.options == MixOptions(m2mix_weight=0.1, vmix_weight=0.3) and loss.enabled_terms == ["m2mix", "vmix"]
+    siglip = M2MixSigLipLoss(m2mix_weight=0.1)
+    with pytest.raises(ValueError, match="vmix_weight must be 0"):  # the family's own limits, as at construction
+        siglip.vmix_weight = 0.3
+    assert siglip.options == MixOptions(m2mix_weight=0.1)
+
+
+def test_unknown_keywords_and_wrong_options_are_named():
+    with pytest.raises(TypeError, match=r"^M2MixLoss\(\) got unexpected keyword argument\(s\) 'm2mix_wieght'; the "
+                                        r"mixing options are m2mix_weight, m2mix_alpha, "):
+        M2MixLoss(m2mix_wieght=0.1)
+    with pytest.raises(TypeError, match=r"M2MixCoCaLoss\(\): options must be a MixOptions, got dict"):
+        M2MixCoCaLoss(1.0, 1.0, options={"m2mix_weight": 0.1})
+    with pytest.raises(ValueError, match="calls_per_step must be an integer >= 1"):
+        M2MixSigLipLoss(calls_per_step=0)

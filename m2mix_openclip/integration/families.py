@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Optional
 
 from ..losses import M2MixCoCaLoss, M2MixDistillLoss, M2MixLoss, M2MixSigLipLoss
+from ..losses.options import SIGLIP_UNIMODAL_REASON
+from . import openclip_compat
 
 __all__ = ["loss_family", "build_m2mix_loss", "validate_family", "FAMILY_CLASSES"]
 
@@ -26,7 +28,7 @@ def loss_family(args) -> str:
         return "distill"
     if "coca" in (getattr(args, "model", "") or "").lower():
         return "coca"
-    if getattr(args, "siglip", False):
+    if openclip_compat.siglip_requested(args):
         return "siglip"
     return "clip"
 
@@ -37,7 +39,6 @@ def validate_family(args) -> Optional[str]:
     if family == "siglip":
         unimodal = [f"--{n}-weight" for n in ("vmix", "lmix", "vlmix") if getattr(args, f"{n}_weight", 0) > 0]
         if unimodal:
-            from ..losses.siglip import SIGLIP_UNIMODAL_REASON  # here: OpenCLIP 2.20 has no SigLipLoss
             return f"{', '.join(unimodal)} cannot be combined with --siglip: {SIGLIP_UNIMODAL_REASON}"
         if getattr(args, "horovod", False):
             return "--siglip --loss m2mix does not support --horovod (OpenCLIP's SigLipLoss does not either)"
@@ -45,14 +46,14 @@ def validate_family(args) -> Optional[str]:
 
 
 def build_m2mix_loss(args, **mixing):
-    """The m²-Mix loss of the run's family; ``mixing``: the mixing keywords of ``M2MixLoss``."""
+    """The m²-Mix loss of the run's family; ``mixing``: the keywords of ``M2MixLoss`` after
+    OpenCLIP's own (``options``, ``seed``, ``calls_per_step``, ``m2mix_weight``, ...)."""
     family = loss_family(args)
     # With --accum-freq N OpenCLIP calls the loss N times per optimizer step: one lambda per step.
     mixing.setdefault("calls_per_step", getattr(args, "accum_freq", 1))
     if family == "siglip":
-        # --loss-dist-impl exists from OpenCLIP 2.30
         return M2MixSigLipLoss(rank=args.rank, world_size=args.world_size,
-                               dist_impl=getattr(args, "loss_dist_impl", None), **mixing)
+                               dist_impl=openclip_compat.loss_dist_impl(args), **mixing)
     softmax_args = dict(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
                         rank=args.rank, world_size=args.world_size, use_horovod=args.horovod)
     if family == "coca":

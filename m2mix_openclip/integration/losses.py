@@ -30,8 +30,8 @@ def _validate_m2mix(args):
 
 
 def _build_m2mix(args):
-    options = options_from_args(args)
-    return build_m2mix_loss(args, seed=args.seed if args.mix_seed is None else args.mix_seed, **options.as_kwargs())
+    return build_m2mix_loss(args, options=options_from_args(args),
+                            seed=args.seed if args.mix_seed is None else args.mix_seed)
 
 
 CLIP_LOSS = LossPlugin(build=_build_clip,

@@ -8,15 +8,19 @@ wherever that is possible:
   run from ``src/``) ship it as a top-level package named ``training``. Whichever is used must sit
   beside the imported ``open_clip`` and be OpenCLIP's trainer (its ``main`` binds
   ``open_clip.create_loss`` and its own ``train.train_one_epoch``), not an unrelated ``training``;
-- the trainer's flags (``--device`` from 2.28, ``--loss-dist-impl`` from 2.30): read from the
-  parser that ``params.parse_args`` builds;
-- ``logit_bias`` in ``ClipLoss.forward`` (2.32 on);
+- the trainer's flags (``--siglip`` from 2.22, ``--device`` from 2.28, ``--loss-dist-impl`` from
+  2.30): read from the parser that ``params.parse_args`` builds, or from the parsed arguments;
+- ``SigLipLoss`` (2.22 on) and its ``dist_impl`` argument (2.30 on), read from ``open_clip.loss``
+  (the model-side library: the losses ask without importing the trainer);
 - ``local-dir:PATH`` model names (3.0 on): older releases get the folder's config registered
   in-process (``open_clip.add_model_config``) under a plain name;
 - the tokenizer's context length: 2.20 always gives 77 tokens, whatever the model's config says;
 - ``--resume`` of the trainer's own checkpoints before 2.30 with torch >= 2.6: the scheduler
   stores numpy learning rates, which ``torch.load``'s ``weights_only`` default then refuses
-  (OpenCLIP's bug, fixed upstream in 2.30).
+  (OpenCLIP's bug, fixed upstream in 2.30); :func:`numpy_scalars_allowed` reads such checkpoints.
+
+``ClipLoss.forward`` takes ``logit_bias`` from 2.32 on; the m²-Mix losses take it on every
+release, so nothing asks.
 
 Below 2.20, from 4.0 on (OpenCLIP's main branch drops ``use_horovod`` and ``create_loss``), or
 with a trainer that cannot be recognised, :func:`require_trainer` raises
@@ -197,10 +201,30 @@ def device_arguments(device: str) -> Tuple[List[str], dict]:
                        "it runs on cuda when a GPU is visible, else on the CPU")
 
 
-def loss_takes_logit_bias() -> bool:
-    """Whether ``open_clip.loss.ClipLoss.forward`` takes ``logit_bias`` (2.32 on)."""
-    from open_clip.loss import ClipLoss
-    return "logit_bias" in inspect.signature(ClipLoss.forward).parameters
+def has_siglip_loss() -> bool:
+    """Whether ``open_clip.loss`` has ``SigLipLoss`` (2.22 on; 2.20 has neither it nor ``--siglip``).
+    Reads the model-side library only, so the losses ask it without importing the trainer."""
+    import open_clip.loss
+    return hasattr(open_clip.loss, "SigLipLoss")
+
+
+def siglip_loss_takes_dist_impl() -> bool:
+    """Whether ``SigLipLoss.__init__`` takes ``dist_impl`` (2.30 on); before, it always exchanges
+    caption chunks between processes in both directions (``"bidir"``)."""
+    from open_clip.loss import SigLipLoss
+    return "dist_impl" in inspect.signature(SigLipLoss.__init__).parameters
+
+
+def siglip_requested(args) -> bool:
+    """Whether the trainer's parsed ``args`` ask for SigLIP's loss (``--siglip``, 2.22 on; the
+    trainers before have no such flag, hence no such attribute)."""
+    return bool(getattr(args, "siglip", False))
+
+
+def loss_dist_impl(args) -> Optional[str]:
+    """The trainer's ``--loss-dist-impl`` from its parsed ``args`` (2.30 on), or None where the
+    trainer has no such flag (its ``SigLipLoss`` then exchanges in both directions)."""
+    return getattr(args, "loss_dist_impl", None)
 
 
 def native_local_dir() -> bool:
@@ -216,16 +240,6 @@ def tokenizer_context_length(config_context_length: int) -> int:
     if "context_length" in inspect.signature(open_clip.get_tokenizer).parameters:
         return config_context_length
     return DEFAULT_CONTEXT_LENGTH
-
-
-def resume_loads_own_checkpoints() -> bool:
-    """False where ``--resume`` of the trainer's own checkpoint fails: its scheduler writes numpy
-    learning rates into the optimizer state (before 2.30), and torch >= 2.6 loads with
-    ``weights_only=True`` by default."""
-    import torch
-    scheduler = importlib.import_module(f"{require_trainer().package}.scheduler")
-    numpy_lrs = hasattr(scheduler, "np")
-    return not (numpy_lrs and _version_tuple(torch.__version__) >= (2, 6))
 
 
 def numpy_scalars_allowed():

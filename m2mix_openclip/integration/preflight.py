@@ -118,7 +118,7 @@ def _world_info():
     """(local rank, global rank, world size) from the launcher's environment, read by OpenCLIP's
     own ``world_info_from_env`` (torchrun, SLURM, MPI), as its trainer will read them."""
     distributed = _trainer_module("distributed")
-    if distributed is not None and hasattr(distributed, "world_info_from_env"):
+    if distributed is not None:
         return distributed.world_info_from_env()
     return 0, 0, 1
 
@@ -133,7 +133,7 @@ def _latest_checkpoint(folder: str, save_most_recent: bool) -> Optional[str]:
         path = os.path.join(folder, "epoch_latest.pt")
         return path if os.path.exists(path) else None
     main = _trainer_module("main")
-    if main is not None and hasattr(main, "get_latest_checkpoint"):
+    if main is not None:
         return main.get_latest_checkpoint(folder, remote=False)
     found = sorted(glob.glob(os.path.join(glob.escape(folder), "*.pt")))
     return found[-1] if found else None

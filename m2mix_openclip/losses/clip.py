@@ -14,6 +14,7 @@ from open_clip.loss import ClipLoss, gather_features
 
 from ..mixup import compute_dtype, mix_unit_rows
 from .mixing import MixingStateMixin
+from .options import MixKeywords, MixOptions, Unpack
 from .terms import clip_contrastive_term, m2mix_softmax_term, mix_target_rows, unimodal_mix_term
 
 __all__ = ["M2MixLoss", "SoftmaxMixingMixin", "BatchRows"]
@@ -38,31 +39,14 @@ class SoftmaxMixingMixin(MixingStateMixin):
     class's ``local_loss``, ``gather_with_grad``, ``rank``, ``world_size`` and
     ``get_ground_truth``); see :class:`M2MixLoss` for the terms and arguments."""
 
-    TERMS = ("m2mix", "vmix", "lmix", "vlmix")
-
-    @property
-    def enabled_terms(self):
-        return [t for t in self.TERMS if getattr(self, f"{t}_weight") > 0]
-
-    def _check_shapes(self, image_features: torch.Tensor, text_features: torch.Tensor) -> None:
-        # Shapes are known on the host: checking them costs no device sync.
-        if image_features.dim() != 2 or image_features.shape != text_features.shape:
-            raise ValueError(
-                f"image_features and text_features must both be (batch, dim) with the same shape, "
-                f"got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
-            )
-        if image_features.shape[0] * self.world_size < 2:
-            raise ValueError(
-                f"{type(self).__name__} needs at least 2 image-text pairs in the (global) batch to form "
-                f"negatives, got {image_features.shape[0] * self.world_size}; increase --batch-size"
-            )
-
-    def _begin_mixing_call(self, image_features, text_features, mix_lambda) -> bool:
-        """Argument checks known on the host, then :meth:`_begin_call`."""
-        if mix_lambda is not None and not (0.0 <= float(mix_lambda) <= 1.0):
-            raise ValueError(f"mix_lambda must be a float in [0, 1], got {mix_lambda!r}")
-        self._check_shapes(image_features, text_features)
-        return self._begin_call()
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, *,
+                 options: Optional[MixOptions] = None, seed: int = 0, calls_per_step: int = 1,
+                 **mixing: Unpack[MixKeywords]):
+        """``ClipLoss``'s arguments, then the mixing options (see ``M2MixLoss``)."""
+        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
+                         rank=rank, world_size=world_size, use_horovod=use_horovod)
+        self._init_mixing(options, mixing, seed, calls_per_step)
 
     def _batch_rows(self, image_features: torch.Tensor, text_features: torch.Tensor) -> BatchRows:
         """The global batch (gathered as ``ClipLoss`` gathers it) and the rows this process anchors."""
@@ -173,7 +157,13 @@ class M2MixLoss(SoftmaxMixingMixin, ClipLoss):
     skips the step), and every rank reaches every collective. Such steps are counted on the
     device and reported by :meth:`logged_scalars` at the trainer's logging steps.
 
-    Attributes:
+    Args:
+        local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod: ``ClipLoss``'s,
+            in its order.
+        options: a :class:`~m2mix_openclip.losses.options.MixOptions`; the mixing keywords below
+            replace its fields (without it, they replace the defaults).
+        seed: seed of the lambda generator (the same on every rank). Default 0.
+        calls_per_step: calls of ``forward`` per optimizer step (OpenCLIP's ``--accum-freq``). Default 1.
         m2mix_weight: weight of the m²-Mix term (0 turns it off). Default 0.02.
         m2mix_alpha: Beta parameter for the m²-Mix lambda. Default 0.5.
         m2mix_temperature: temperature of the m²-Mix logits; ``None`` uses the model's
@@ -184,15 +174,22 @@ class M2MixLoss(SoftmaxMixingMixin, ClipLoss):
             model's ``logit_scale``; the reference fixes 0.01.
         mix_pairing: ``"reverse"`` (i with N-1-i, the reference) or ``"random"``.
         mix_schedule: ``"inverse-epoch"`` or ``"constant"``.
-        calls_per_step: calls of ``forward`` per optimizer step (OpenCLIP's ``--accum-freq``).
+
+    Attributes:
+        options: the ``MixOptions`` in use; each of its fields also reads (and, checked again,
+            sets) as an attribute of the loss, e.g. ``loss.m2mix_weight``.
+        enabled_terms: the mixing terms with a weight > 0, e.g. ``["m2mix"]``.
         last_lambdas: the lambda each enabled term used in the last call.
         last_pairings: the (G,) partners each uni-modal term used in the last call (CPU).
 
     Raises:
-        ValueError: at construction, for an alpha <= 0, a negative weight, a temperature
-            <= 0, an unknown schedule or pairing; in ``forward``, for fewer than 2 pairs
-            in the (global) batch or mismatched shapes (both known without reading the
-            device), and, at the first call only, for features that are not unit vectors.
+        ValueError: at construction, for an option that ``MixOptions`` refuses (an alpha <= 0, a
+            negative or non-finite weight, a temperature <= 0, an unknown schedule or pairing)
+            or a ``calls_per_step`` < 1; in ``forward``, for fewer than 2 pairs in the (global)
+            batch, mismatched shapes or a ``mix_lambda`` outside [0, 1] (all known without
+            reading the device), and, at the first call only, for features that are not unit
+            vectors.
+        TypeError: at construction, for a keyword that is no option.
 
     Example::
 
@@ -202,14 +199,10 @@ class M2MixLoss(SoftmaxMixingMixin, ClipLoss):
         >>> terms = loss(x, y, logit_scale=torch.tensor(100.0), output_dict=True)
         >>> sorted(terms)
         ['contrastive_loss', 'm2mix_loss']
+        >>> from m2mix_openclip.losses.options import MixOptions
+        >>> M2MixLoss(options=MixOptions(vmix_weight=0.1), seed=0).enabled_terms
+        ['m2mix', 'vmix']
     """
-
-    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
-                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, **mixing):
-        """``ClipLoss``'s arguments, then the mixing keywords listed under Attributes."""
-        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
-                         rank=rank, world_size=world_size, use_horovod=use_horovod)
-        self._init_mixing_options(**mixing)
 
     def forward(
             self,
@@ -226,7 +219,7 @@ class M2MixLoss(SoftmaxMixingMixin, ClipLoss):
                 f"M2MixLoss.forward got unexpected arguments {sorted(kwargs)}; it takes the outputs of a "
                 "CLIP model (use M2MixCoCaLoss for CoCa and M2MixDistillLoss for distillation)"
             )
-        new_step = self._begin_mixing_call(image_features, text_features, mix_lambda)
+        new_step = self._begin_call(image_features, text_features, mix_lambda)
         rows = self._batch_rows(image_features, text_features)
         losses = {"contrastive_loss": clip_contrastive_term(
             rows.image_rows, rows.text_rows, rows.all_image, rows.all_text, logit_scale, rows.labels, logit_bias,

@@ -8,6 +8,7 @@ import torch
 from open_clip.loss import CoCaLoss
 
 from .clip import SoftmaxMixingMixin
+from .options import MixKeywords, MixOptions, Unpack
 
 __all__ = ["M2MixCoCaLoss"]
 
@@ -28,8 +29,8 @@ class M2MixCoCaLoss(SoftmaxMixingMixin, CoCaLoss):
 
     Args: ``CoCaLoss``'s own (``caption_loss_weight``, ``clip_loss_weight``, ``pad_id``,
     ``local_loss``, ``gather_with_grad``, ``cache_labels``, ``rank``, ``world_size``,
-    ``use_horovod``), then the mixing keywords of ``M2MixLoss`` (``m2mix_weight``, ...,
-    ``calls_per_step``).
+    ``use_horovod``), then those of ``M2MixLoss`` after its ``use_horovod``: ``options``,
+    ``seed``, ``calls_per_step`` and the mixing options (``m2mix_weight``, ...).
 
     ``forward`` takes a CoCa model's outputs and returns ``{"contrastive_loss", "caption_loss",
     "m2mix_loss", ...}`` (one key per enabled mixing term) with ``output_dict=True``, else the
@@ -37,17 +38,21 @@ class M2MixCoCaLoss(SoftmaxMixingMixin, CoCaLoss):
     loss, as in ``CoCaLoss``.
     """
 
-    def __init__(self, caption_loss_weight, clip_loss_weight, pad_id=0, local_loss=False, gather_with_grad=False,
-                 cache_labels=False, rank=0, world_size=1, use_horovod=False, **mixing):
-        super().__init__(caption_loss_weight=caption_loss_weight, clip_loss_weight=clip_loss_weight, pad_id=pad_id,
-                         local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
-                         rank=rank, world_size=world_size, use_horovod=use_horovod)
-        self._init_mixing_options(**mixing)
+    def __init__(self, caption_loss_weight: float, clip_loss_weight: float, pad_id: int = 0,
+                 local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, *,
+                 options: Optional[MixOptions] = None, seed: int = 0, calls_per_step: int = 1,
+                 **mixing: Unpack[MixKeywords]):
+        # CoCaLoss's own, past SoftmaxMixingMixin's __init__ (which takes ClipLoss's arguments)
+        CoCaLoss.__init__(self, caption_loss_weight=caption_loss_weight, clip_loss_weight=clip_loss_weight,
+                          pad_id=pad_id, local_loss=local_loss, gather_with_grad=gather_with_grad,
+                          cache_labels=cache_labels, rank=rank, world_size=world_size, use_horovod=use_horovod)
+        self._init_mixing(options, mixing, seed, calls_per_step)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logits: torch.Tensor,
                 labels: torch.Tensor, logit_scale: torch.Tensor, output_dict: bool = False,
                 mix_lambda: Optional[float] = None):
-        new_step = self._begin_mixing_call(image_features, text_features, mix_lambda)
+        new_step = self._begin_call(image_features, text_features, mix_lambda)
         losses = CoCaLoss.forward(self, image_features, text_features, logits, labels, logit_scale, output_dict=True)
         if self.enabled_terms:
             rows = self._batch_rows(image_features, text_features)

@@ -24,23 +24,17 @@ class M2MixDistillLoss(SoftmaxMixingMixin, DistillClipLoss):
     terms :math:`\mathcal{L}_t` are those of :class:`~m2mix_openclip.losses.clip.M2MixLoss`,
     on the student's features :math:`x, y` only (the teacher runs without gradient).
 
-    Args: ``DistillClipLoss``'s own (``local_loss``, ``gather_with_grad``, ``cache_labels``,
-    ``rank``, ``world_size``, ``use_horovod``), then the mixing keywords of ``M2MixLoss``.
+    Args: those of ``M2MixLoss``: ``DistillClipLoss``'s own (``ClipLoss``'s), then ``options``,
+    ``seed``, ``calls_per_step`` and the mixing options.
 
     ``forward`` returns ``{"contrastive_loss", "distill_loss", "m2mix_loss", ...}`` with
     ``output_dict=True``, else the tuple of those values in that order.
     """
 
-    def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
-                 use_horovod=False, **mixing):
-        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
-                         rank=rank, world_size=world_size, use_horovod=use_horovod)
-        self._init_mixing_options(**mixing)
-
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 dist_image_features: torch.Tensor, dist_text_features: torch.Tensor,
                 dist_logit_scale: torch.Tensor, output_dict: bool = False, mix_lambda: Optional[float] = None):
-        new_step = self._begin_mixing_call(image_features, text_features, mix_lambda)
+        new_step = self._begin_call(image_features, text_features, mix_lambda)
         losses = DistillClipLoss.forward(self, image_features, text_features, logit_scale, dist_image_features,
                                          dist_text_features, dist_logit_scale, output_dict=True)
         if self.enabled_terms:

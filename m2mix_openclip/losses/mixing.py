@@ -9,20 +9,42 @@ here synchronises with the device inside ``forward``: lambdas and pairings come 
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from dataclasses import fields, replace
+from typing import Dict, List, Optional
 
 import torch
 
 from ..mixup import UNIT_NORM_TOLERANCE, sample_beta
-from .options import MIX_PAIRINGS, MIX_SCHEDULES, MixOptions
+from .options import MIX_PAIRINGS, MIX_SCHEDULES, MixOptions, mix_options, signature_with_options
 from .terms import pair_partners
 
 __all__ = ["MixingStateMixin", "MIX_SCHEDULES", "MIX_PAIRINGS"]
 
 
+def _option_attribute(name: str) -> property:
+    """``loss.<name>``: the option of ``loss.options``; setting it replaces ``loss.options`` by a
+    copy checked as at construction."""
+
+    def get(self):
+        return getattr(self.options, name)
+
+    def set_(self, value):
+        options = replace(self.options, **{name: value})
+        self._check_family_options(options)
+        self.options = options
+
+    return property(get, set_, doc=f"``options.{name}`` (see ``MixOptions``).")
+
+
 class MixingStateMixin:
     """Mixin for an ``nn.Module`` loss of the m²-Mix family (put it before the OpenCLIP loss
-    class in the bases). Call :meth:`_init_mixing` in ``__init__``; in ``forward``, call
+    class in the bases, whose ``world_size`` it reads).
+
+    A family's ``__init__`` ends with ``*, options=None, seed=0, calls_per_step=1,
+    **mixing: Unpack[MixKeywords]`` and calls :meth:`_init_mixing` after the OpenCLIP class's
+    ``__init__``; its ``help()`` and ``inspect.signature`` then show every mixing option (see
+    :meth:`__init_subclass__`). Each option reads as an attribute (``loss.m2mix_weight``), and
+    :attr:`enabled_terms` lists the terms with a weight > 0. In ``forward``, call
     :meth:`_begin_call` once, then :meth:`_step_lambda` / :meth:`_step_pairing` per term, and
     :meth:`_count_nonfinite` with the total.
 
@@ -31,23 +53,24 @@ class MixingStateMixin:
     and :meth:`logged_scalars`.
     """
 
-    def _init_mixing_options(self, seed: int = 0, calls_per_step: int = 1, **options) -> None:
-        """Checks and stores the mixing options every family takes (``MixOptions``: defaults and
-        meanings; a ``ValueError`` names a bad one), then calls :meth:`_init_mixing`."""
-        self.options = MixOptions(**options)  # a TypeError names an unknown keyword
-        for name, value in self.options.as_kwargs().items():
-            setattr(self, name, value)
-        self._init_mixing(self.mix_schedule, self.mix_pairing, seed, calls_per_step)
+    options: MixOptions
 
-    def _init_mixing(self, mix_schedule: str, mix_pairing: str, seed: int, calls_per_step: int) -> None:
-        if mix_schedule not in MIX_SCHEDULES:
-            raise ValueError(f"unknown mix_schedule {mix_schedule!r}; choose one of {list(MIX_SCHEDULES)}")
-        if mix_pairing not in MIX_PAIRINGS:
-            raise ValueError(f"unknown mix_pairing {mix_pairing!r}; choose one of {list(MIX_PAIRINGS)}")
+    def __init_subclass__(cls, **kwargs):
+        """A family's ``__init__`` shows ``**mixing`` as the options it stands for."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            init.__signature__ = signature_with_options(init)
+
+    def _init_mixing(self, options: Optional[MixOptions], mixing: dict, seed: int, calls_per_step: int) -> None:
+        """Stores ``options`` with the ``mixing`` keywords in place of its fields (``MixOptions``
+        checks them; a ``TypeError`` names an unknown keyword), the seeded lambda generator and the
+        step counter for ``calls_per_step`` calls per optimizer step."""
+        options = mix_options(f"{type(self).__name__}()", options, **mixing)
+        self._check_family_options(options)
         if int(calls_per_step) != calls_per_step or calls_per_step < 1:
             raise ValueError(f"calls_per_step must be an integer >= 1 (--accum-freq), got {calls_per_step!r}")
-        self.mix_schedule = mix_schedule
-        self.mix_pairing = mix_pairing
+        self.options = options
         self.seed = int(seed)
         self.calls_per_step = int(calls_per_step)
         self.generator = torch.Generator(device="cpu")
@@ -61,6 +84,15 @@ class MixingStateMixin:
         self._inputs_checked = False
         self.last_lambdas: Dict[str, float] = {}
         self.last_pairings: Dict[str, torch.Tensor] = {}
+
+    def _check_family_options(self, options: MixOptions) -> None:
+        """Raises ``ValueError`` for valid options that this family cannot use (SigLIP: the
+        uni-modal terms); every family can use every option by default."""
+
+    @property
+    def enabled_terms(self) -> List[str]:
+        """The mixing terms with a weight > 0 (``MixOptions.enabled_terms``)."""
+        return self.options.enabled_terms
 
     # -- the plugin protocol -----------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -111,9 +143,25 @@ class MixingStateMixin:
         self._nonfinite_steps = None
 
     # -- per call ------------------------------------------------------------------------------
-    def _begin_call(self) -> bool:
-        """Counts a call; True when it starts a new optimizer step (with --accum-freq N the loss is
-        called N times per step, each with the whole accumulated batch)."""
+    def _begin_call(self, image_features: torch.Tensor, text_features: torch.Tensor, mix_lambda: Optional[float],
+                    needs_negatives: bool = True) -> bool:
+        """Checks what is known on the host, at no device sync: ``mix_lambda`` in [0, 1],
+        ``(batch, dim)`` features of one shape and, where ``needs_negatives``, at least 2 pairs in
+        the global batch. Then counts the call; True when it starts a new optimizer step (with
+        --accum-freq N the loss is called N times per step, each with the whole accumulated batch)."""
+        if mix_lambda is not None and not (0.0 <= float(mix_lambda) <= 1.0):
+            raise ValueError(f"mix_lambda must be a float in [0, 1], got {mix_lambda!r}")
+        if image_features.dim() != 2 or image_features.shape != text_features.shape:
+            raise ValueError(
+                f"image_features and text_features must both be (batch, dim) with the same shape, "
+                f"got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
+            )
+        num_global = image_features.shape[0] * self.world_size
+        if needs_negatives and num_global < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs at least 2 image-text pairs in the (global) batch to form "
+                f"negatives, got {num_global}; increase --batch-size"
+            )
         new_step = self._phase == 0
         self._phase = (self._phase + 1) % self.calls_per_step
         if new_step:
@@ -175,3 +223,8 @@ class MixingStateMixin:
                 "geodesic mixing needs unit-norm features (a CLIP model's outputs are); "
                 "normalise them first, e.g. torch.nn.functional.normalize(x, dim=-1)"
             )
+
+
+for _field in fields(MixOptions):
+    setattr(MixingStateMixin, _field.name, _option_attribute(_field.name))
+del _field

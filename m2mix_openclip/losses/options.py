@@ -1,19 +1,36 @@
 """The mixing options, in one place: ``MixOptions`` validates itself, and the loss
-constructors, the ``--loss m2mix`` command-line flags and the README's flag table all follow
-from its fields. Nothing here knows OpenCLIP's trainer.
+constructors (their keywords, signatures and checks), the ``--loss m2mix`` command-line flags
+and the README's flag table all follow from its fields. Nothing here knows OpenCLIP's trainer.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Optional
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Callable, List, Optional, TypedDict
 
-__all__ = ["MixOptions", "MIX_SCHEDULES", "MIX_PAIRINGS", "add_flags", "options_from_args", "flag_table"]
+try:
+    from typing import Unpack  # Python 3.11
+except ImportError:  # Python 3.10
+    from typing_extensions import Unpack
+
+__all__ = ["MixOptions", "MixKeywords", "MIX_SCHEDULES", "MIX_PAIRINGS", "MIX_TERMS",
+           "SIGLIP_UNIMODAL_REASON", "mix_options", "signature_with_options", "add_flags", "options_from_args",
+           "flag_table"]
 
 MIX_SCHEDULES = ("inverse-epoch", "constant")
 MIX_PAIRINGS = ("reverse", "random")
+MIX_TERMS = ("m2mix", "vmix", "lmix", "vlmix")  # each weighted by the option <term>_weight
+
+SIGLIP_UNIMODAL_REASON = (
+    "V-Mix, L-Mix and VL-Mix are soft-target softmax terms over the whole batch (a sample's mixing "
+    "partner can sit on any process), while SigLIP's sigmoid loss never gathers the batch (it passes "
+    "caption chunks between neighbouring processes) and scores each pair on its own, with no soft "
+    "targets to share between two samples; with --siglip use the sigmoid m²-Mix term (--m2mix-weight)"
+)
 
 
 def _finite(text: str) -> float:
@@ -56,7 +73,10 @@ def _option(default, flag_help: str, parse=None, choices=None, shown: Optional[s
 
 @dataclass(frozen=True)
 class MixOptions:
-    """The options of every m²-Mix loss (see ``M2MixLoss`` for the maths); ``ValueError`` names a bad one."""
+    """The options of every m²-Mix loss (see ``M2MixLoss`` for the maths), checked here and only
+    here: a ``ValueError`` names a bad one. Each loss takes them as ``options=MixOptions(...)`` or
+    as keywords of the same names (:class:`MixKeywords`); ``dataclasses.replace`` gives a changed
+    copy, checked again."""
 
     m2mix_weight: float = _option(0.02, "Weight of the m²-Mix term (0 turns it off); the reference's mmmix 0.01 "
                                          "(it sums the two directions, we average them)", weight_value)
@@ -94,11 +114,64 @@ class MixOptions:
                 object.__setattr__(self, f.name, float(value))
 
     @property
-    def enabled_terms(self):
-        return [t for t in ("m2mix", "vmix", "lmix", "vlmix") if getattr(self, f"{t}_weight") > 0]
+    def enabled_terms(self) -> List[str]:
+        """The mixing terms with a weight > 0, of ``MIX_TERMS``."""
+        return [t for t in MIX_TERMS if getattr(self, f"{t}_weight") > 0]
 
     def as_kwargs(self) -> dict:
         return asdict(self)
+
+
+class MixKeywords(TypedDict, total=False):
+    """:class:`MixOptions`' fields as keyword arguments: the loss constructors take
+    ``**mixing: Unpack[MixKeywords]`` (PEP 692), so that editors and type checkers know the names
+    and types. The same names and types as the fields, in their order (a test keeps them equal)."""
+
+    m2mix_weight: float
+    m2mix_alpha: float
+    m2mix_temperature: Optional[float]
+    vmix_weight: float
+    lmix_weight: float
+    vlmix_weight: float
+    unimix_alpha: float
+    unimix_temperature: Optional[float]
+    mix_pairing: str
+    mix_schedule: str
+
+
+def mix_options(owner: str, options: Optional[MixOptions] = None, **keywords) -> MixOptions:
+    """``options`` (the defaults where None) with ``keywords`` in place of its fields, checked by
+    :class:`MixOptions`; ``owner`` names the caller in the ``TypeError`` for a keyword that is no
+    option."""
+    unknown = sorted(set(keywords) - {f.name for f in fields(MixOptions)})
+    if unknown:
+        raise TypeError(f"{owner} got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; the mixing "
+                        f"options are {', '.join(f.name for f in fields(MixOptions))}")
+    if options is None:
+        return MixOptions(**keywords)
+    if not isinstance(options, MixOptions):
+        raise TypeError(f"{owner}: options must be a MixOptions, got {type(options).__name__}")
+    return replace(options, **keywords) if keywords else options
+
+
+def signature_with_options(function: Callable) -> inspect.Signature:
+    """``function``'s signature with its ``**mixing`` spelled out: one keyword-only parameter per
+    :class:`MixOptions` field, with its type and default (what ``help()`` and
+    ``inspect.signature`` then show for a loss constructor)."""
+    signature = inspect.signature(function, eval_str=True)
+    hints = typing.get_type_hints(MixOptions)
+    spelled_out = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                     annotation=hints[f.name]) for f in fields(MixOptions)]
+    parameters = []
+    for parameter in signature.parameters.values():
+        if parameter.kind is not inspect.Parameter.VAR_KEYWORD:
+            parameters.append(parameter)
+        elif parameter.annotation == Unpack[MixKeywords]:
+            parameters.extend(spelled_out)
+        else:  # a mistake in a loss class, seen when it is defined
+            raise TypeError(f"{function.__qualname__}: annotate **{parameter.name} as Unpack[MixKeywords], "
+                            "the mixing options")
+    return signature.replace(parameters=parameters)
 
 
 def _flag(name: str) -> str:

@@ -1,30 +1,29 @@
 r"""``M2MixSigLipLoss``: OpenCLIP's ``SigLipLoss`` plus geodesic mixes as extra sigmoid negatives.
 
 Only ``open_clip.loss`` is imported: ``SigLipLoss`` for its pairwise term (``_loss``) and the
-neighbour-exchange functions that carry chunks between processes with their gradients.
+neighbour-exchange functions that carry chunks between processes with their gradients. Which
+releases have ``SigLipLoss`` (and its ``dist_impl``) is the adapter's to say
+(:mod:`m2mix_openclip.integration.openclip_compat`).
 """
 
 from __future__ import annotations
 
-import inspect
+import math
 from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.distributed.nn  # noqa: F401  (all_reduce / all_gather with gradients)
 from open_clip.loss import SigLipLoss, neighbour_exchange_bidir_with_grad, neighbour_exchange_with_grad
 
+from ..integration import openclip_compat
 from ..mixup import compute_dtype, mix_unit_rows
 from .mixing import MixingStateMixin
+from .options import SIGLIP_UNIMODAL_REASON, MixKeywords, MixOptions, Unpack
 from .terms import m2mix_sigmoid_term
 
-__all__ = ["M2MixSigLipLoss", "SIGLIP_UNIMODAL_REASON"]
+__all__ = ["M2MixSigLipLoss", "SIGLIP_UNIMODAL_REASON", "DIST_IMPLS"]
 
-SIGLIP_UNIMODAL_REASON = (
-    "V-Mix, L-Mix and VL-Mix are soft-target softmax terms over the whole batch (a sample's mixing "
-    "partner can sit on any process), while SigLIP's sigmoid loss never gathers the batch (it passes "
-    "caption chunks between neighbouring processes) and scores each pair on its own, with no soft "
-    "targets to share between two samples; with --siglip use the sigmoid m²-Mix term (--m2mix-weight)"
-)
+DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # the exchanges SigLipLoss names by its dist_impl
 
 
 class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
@@ -70,11 +69,13 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
     The uni-modal V/L/VL-Mix terms are not defined for this loss (see
     ``SIGLIP_UNIMODAL_REASON``): their weights must be 0.
 
-    Args: ``SigLipLoss``'s own (``cache_labels``, ``rank``, ``world_size``, ``dist_impl``),
-    then ``m2mix_weight`` (default 0.02), ``m2mix_alpha`` (0.5), ``m2mix_temperature``
-    (0.07; ``None`` for the model's scale and bias), ``m2mix_bias`` (``None``: see above),
-    ``mix_schedule``, ``seed``, ``calls_per_step`` as in ``M2MixLoss`` (and the uni-modal
-    keywords, accepted for a common signature, weights 0).
+    Args: ``SigLipLoss``'s own (``cache_labels``, ``rank``, ``world_size``, ``dist_impl``: one of
+    ``DIST_IMPLS``, default ``"bidir"``, on every release, as the exchange here is this class's
+    own), ``m2mix_bias`` (``None``: see above), then ``options``, ``seed``, ``calls_per_step``
+    and the mixing options as in ``M2MixLoss``: ``m2mix_weight`` (default 0.02), ``m2mix_alpha``
+    (0.5), ``m2mix_temperature`` (0.07; ``None`` for the model's scale and bias),
+    ``mix_schedule`` (and the uni-modal ones, accepted for a common signature, weights 0).
+    ``ValueError`` (the same text as every family's, from ``MixOptions``) names a bad option.
 
     ``forward(image_features, text_features, logit_scale, logit_bias, output_dict=False,
     mix_lambda=None)`` returns ``{"contrastive_loss", "m2mix_loss"}`` with ``output_dict``,
@@ -90,28 +91,28 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
     """
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 dist_impl: Optional[str] = None, m2mix_bias: Optional[float] = None, **mixing):
-        if "dist_impl" in inspect.signature(SigLipLoss.__init__).parameters:
-            super().__init__(cache_labels=cache_labels, rank=rank, world_size=world_size, dist_impl=dist_impl)
-        else:  # OpenCLIP 2.22-2.29: SigLipLoss exchanges its chunks in both directions, no dist_impl
-            super().__init__(cache_labels=cache_labels, rank=rank, world_size=world_size)
-            self.dist_impl = dist_impl or "bidir"
-        self._init_mixing_options(**mixing)
-        for name in ("vmix_weight", "lmix_weight", "vlmix_weight"):
-            if getattr(self, name) > 0:
-                raise ValueError(f"M2MixSigLipLoss: {name} must be 0: {SIGLIP_UNIMODAL_REASON}")
+                 dist_impl: Optional[str] = None, m2mix_bias: Optional[float] = None, *,
+                 options: Optional[MixOptions] = None, seed: int = 0, calls_per_step: int = 1,
+                 **mixing: Unpack[MixKeywords]):
+        if dist_impl is not None and dist_impl not in DIST_IMPLS:
+            raise ValueError(f"unknown dist_impl {dist_impl!r}; choose one of {list(DIST_IMPLS)}")
         if m2mix_bias is not None:
-            if self.m2mix_temperature is None:
-                raise ValueError("m2mix_bias fixes the bias of a fixed m2mix_temperature; with "
-                                 "m2mix_temperature=None the model's logit_bias is used: drop m2mix_bias")
             m2mix_bias = float(m2mix_bias)
-            if m2mix_bias != m2mix_bias or abs(m2mix_bias) == float("inf"):
+            if not math.isfinite(m2mix_bias):
                 raise ValueError(f"m2mix_bias must be a finite number, got {m2mix_bias!r}")
+        passed = {"dist_impl": dist_impl} if openclip_compat.siglip_loss_takes_dist_impl() else {}
+        super().__init__(cache_labels=cache_labels, rank=rank, world_size=world_size, **passed)
+        self.dist_impl = dist_impl or "bidir"  # SigLipLoss's own default, where it takes none
         self.m2mix_bias = m2mix_bias
+        self._init_mixing(options, mixing, seed, calls_per_step)
 
-    @property
-    def enabled_terms(self):
-        return ["m2mix"] if self.m2mix_weight > 0 else []
+    def _check_family_options(self, options: MixOptions) -> None:
+        for name in ("vmix_weight", "lmix_weight", "vlmix_weight"):
+            if getattr(options, name) > 0:
+                raise ValueError(f"M2MixSigLipLoss: {name} must be 0: {SIGLIP_UNIMODAL_REASON}")
+        if self.m2mix_bias is not None and options.m2mix_temperature is None:
+            raise ValueError("m2mix_bias fixes the bias of a fixed m2mix_temperature; with "
+                             "m2mix_temperature=None the model's logit_bias is used: drop m2mix_bias")
 
     def _mix_scale_and_bias(self, logit_scale, logit_bias):
         if self.m2mix_temperature is None:
@@ -161,19 +162,10 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
             output_dict: bool = False,
             mix_lambda: Optional[float] = None,
     ):
-        if mix_lambda is not None and not (0.0 <= float(mix_lambda) <= 1.0):
-            raise ValueError(f"mix_lambda must be a float in [0, 1], got {mix_lambda!r}")
-        if image_features.dim() != 2 or image_features.shape != text_features.shape:
-            raise ValueError(
-                f"image_features and text_features must both be (batch, dim) with the same shape, "
-                f"got {tuple(image_features.shape)} and {tuple(text_features.shape)}")
+        mixing = self.m2mix_weight > 0
+        new_step = self._begin_call(image_features, text_features, mix_lambda, needs_negatives=mixing)
         num_rows = image_features.shape[0]
         num_global = num_rows * self.world_size
-        mixing = self.m2mix_weight > 0
-        if mixing and num_global < 2:
-            raise ValueError(f"M2MixSigLipLoss needs at least 2 image-text pairs in the (global) batch to "
-                             f"form negatives, got {num_global}; increase --batch-size")
-        new_step = self._begin_call()
 
         contrastive = self._loss(image_features, text_features, logit_scale, logit_bias)
         if mixing:
