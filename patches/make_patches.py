@@ -354,7 +354,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 os.replace(tmp, path)
                 print(f"wrote {os.path.relpath(path, ROOT)} (from {source.where})")
                 continue
-            committed = open(path, encoding="utf-8", newline="").read() if os.path.isfile(path) else ""
+            committed = ""
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8", newline="") as f:
+                    committed = f.read()
             if committed != generated:
                 failed.append(path)
                 print(f"{path}: differs from what patches/make_patches.py generates from {source.where} "
