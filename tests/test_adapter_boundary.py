@@ -35,11 +35,6 @@ INTROSPECTION = {"signature", "getfullargspec", "getargspec", "getcallargs"}
 CODE_ATTRIBUTES = {"__code__", "__defaults__", "__kwdefaults__", "__signature__"}
 RELEASE_COMMENT = re.compile(r"OpenCLIP\b.*\b\d+\.\d+|\b\d+\.\d+\b.*\bOpenCLIP\b")
 
-# Expected until engineer "protocol"'s change is merged: it moves the launcher's OpenCLIP 2.20
-# branch (zero_shot_eval called without a tokenizer) into the adapter. Remove this entry then.
-EXPECTED = {(os.path.join("integration", "launcher.py"), "2.20's evaluate passes no tokenizer")}
-
-
 def _is_openclip_module(name: str) -> bool:
     return name.split(".")[0] in OPENCLIP_PACKAGES
 
@@ -196,14 +191,8 @@ def package_findings():
     return findings
 
 
-def _expected(finding) -> bool:
-    relative, _, what = finding
-    return any(relative == path and text in what for path, text in EXPECTED)
-
-
 def test_no_openclip_version_or_feature_test_outside_the_adapter():
-    unexpected = [f"m2mix_openclip/{path}:{line}: {what}" for path, line, what in package_findings()
-                  if not _expected((path, line, what))]
+    unexpected = [f"m2mix_openclip/{path}:{line}: {what}" for path, line, what in package_findings()]
     assert not unexpected, "ask integration/openclip_compat.py instead:\n" + "\n".join(unexpected)
 
 

@@ -38,6 +38,7 @@ def test_registry_lists_and_rejects():
     (["--loss", "m2mix", "--mix-schedule", "cosine"], "invalid choice: 'cosine'"),
     (["--loss", "m2mix", "--m2mix-weight", "0"], "every mixing weight at 0"),
     (["--loss", "clip", "--m2mix-weight", "0.1"], "--m2mix-weight belongs to --loss m2mix, but --loss is clip"),
+    (["--m2mix-weight=0.1"], "--m2mix-weight belongs to --loss m2mix, but --loss is clip"),
     (["--loss", "m2mix", "--m2mix-wieght", "0.1"], "--m2mix-wieght (did you mean --m2mix-weight?)"),
     (["--loss", "m2mix", "--lr-sched", "cosine"], "unrecognized arguments: --lr-sched (did you mean --lr-scheduler?)"),
     (["--eval-metrics", "nope"], "unknown plugin 'nope'"),

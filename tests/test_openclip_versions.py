@@ -8,9 +8,11 @@ names the release it installed).
 
 import importlib
 import importlib.metadata
+import importlib.util
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -349,6 +351,16 @@ def test_m2mix_analyze_reads_this_releases_checkpoint(trained):
     # the trainer's own evaluation of that checkpoint on the same data found the same geometry
     trained_row = results(trained["logs"], "run")[0]
     assert row["modality_gap"] == pytest.approx(trained_row["modality_gap"], rel=1e-4, abs=1e-5)
+
+
+def test_the_adapter_reads_whether_evaluation_passes_a_tokenizer():
+    """Read from this release's own zero_shot.py text: 2.20's zero_shot_eval takes no tokenizer."""
+    spec = importlib.util.find_spec(f"{compat.require_trainer().package}.zero_shot")
+    with open(spec.origin, encoding="utf-8") as f:
+        parameters = re.search(r"def zero_shot_eval\(([^)]*)\)", f.read()).group(1)
+    assert compat.evaluation_passes_tokenizer() is ("tokenizer" in parameters)
+    if VERSION in RELEASES:
+        assert compat.evaluation_passes_tokenizer() is (VERSION != "2.20.0")
 
 
 # -- the patch for this release's trainer generation ----------------------------------------------

@@ -207,12 +207,13 @@ def test_loss_from_a_second_installed_distribution(env, tmp_path):
 
         PLUGIN = LossPlugin(build=lambda args: HalfClip(), description="half of ClipLoss")
     """))
-    # a second distribution whose plugin cannot be imported, and that registers "m2mix" again
+    # a second distribution whose plugins cannot be imported, and that registers "m2mix" again
     (site / "broken_plugin-0.2.dist-info").mkdir()
     (site / "broken_plugin-0.2.dist-info" / "METADATA").write_text(
         "Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.2\n")
     (site / "broken_plugin-0.2.dist-info" / "entry_points.txt").write_text(
-        "[open_clip.losses]\nbroken = broken_plugin:PLUGIN\nm2mix = broken_plugin:PLUGIN\n")
+        "[open_clip.losses]\nbroken = broken_plugin:PLUGIN\nm2mix = broken_plugin:PLUGIN\n"
+        "[open_clip.eval_hooks]\nbroken_hook = broken_plugin:HOOK\n")
     (site / "broken_plugin.py").write_text("raise ImportError('needs a package that is not installed')\n")
     env_extra = {"PYTHONPATH": str(site)}
     probe = run([sys.executable, "-c", "from m2mix_openclip.integration import registry as r; "
@@ -228,9 +229,14 @@ def test_loss_from_a_second_installed_distribution(env, tmp_path):
     chosen = launcher("--loss", "broken", env_extra=env_extra, check=False)
     assert chosen.returncode == 2
     assert "plugin 'broken' (broken_plugin:PLUGIN, from broken-plugin 0.2) failed to import" in chosen.stderr
-    launcher(*common_args(env["model"], env["logs"], "plugin", epochs=1), *csv_args(env["data"]),
-             "--loss", "half_clip", env_extra=env_extra)
+    assert "evaluation hook broken_hook: unavailable: plugin 'broken_hook'" in " ".join(helped.stdout.split())
+    # the broken evaluation hook is skipped, with a warning, at every evaluation
+    trained = launcher(*common_args(env["model"], env["logs"], "plugin", epochs=1), *csv_args(env["data"]),
+                       "--loss", "half_clip", env_extra=env_extra)
     assert "Half_contrastive_loss" in read_log(env["logs"], "plugin")
+    assert "skipped: plugin 'broken_hook' (broken_plugin:HOOK, from broken-plugin 0.2) failed to import" \
+        in trained.stdout + trained.stderr
+    assert GEOMETRY_KEYS <= set(results(env["logs"], "plugin")[0])
 
 
 def test_loss_state_lives_in_the_checkpoints_that_remain(env):

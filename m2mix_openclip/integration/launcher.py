@@ -10,7 +10,7 @@ swapped name                               hook
 =========================================  ==================================================
 ``params.argparse``                        ``PluginArgumentParser``: ``--loss``, the chosen
                                            loss's flags, evaluation plugins, no abbreviations
-``main.create_loss``                       ``RunHooks.create_loss``: the registry's loss, its
+``main.create_loss``                       ``RunHooks.create_loss``: the plugin's loss, its
                                            state restored on resume
 ``main.pt_load``                           ``RunHooks.pt_load``: keeps a checkpoint's loss state
 ``main.torch`` (``torch.save``)            ``RunHooks.save``: the loss state in each checkpoint
@@ -33,11 +33,11 @@ import logging
 import os
 import sys
 import types
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import torch
 
-from . import openclip_compat, preflight, registry
+from . import openclip_compat, plugins, preflight
 from .quiet import quiet_torch_loggers
 from .suggest import suggest_flags
 
@@ -48,23 +48,52 @@ LEGACY_LOSS_STATE = "loss_state_epoch_{epoch}.pth"  # where m2mix-openclip 0.1.0
 
 
 # -- arguments -------------------------------------------------------------------------------------
-def _chosen_loss(argv: List[str]) -> str:
-    for i, token in enumerate(argv):
-        if token == "--loss" and i + 1 < len(argv):
-            return argv[i + 1]
-        if token.startswith("--loss="):
-            return token.split("=", 1)[1]
-    return "clip"
+def _record_options(container, into: Set[str]):
+    """Makes ``container`` (a parser or argument group) add the option strings of every argument
+    added through it, or through the groups it creates, to ``into``: argparse has no public list
+    of a parser's options, but every ``add_argument`` returns its ``Action``."""
+    add_argument = container.add_argument
+    add_argument_group = container.add_argument_group
+    add_mutually_exclusive_group = container.add_mutually_exclusive_group
+
+    def recorded_argument(*args, **kwargs):
+        action = add_argument(*args, **kwargs)
+        into.update(action.option_strings)
+        return action
+
+    container.add_argument = recorded_argument
+    container.add_argument_group = lambda *a, **k: _record_options(add_argument_group(*a, **k), into)
+    container.add_mutually_exclusive_group = \
+        lambda *a, **k: _record_options(add_mutually_exclusive_group(*a, **k), into)
+    return container
+
+
+def _loss_options(name: str) -> Set[str]:
+    """The flags that loss plugin ``name`` adds (none where it cannot be imported)."""
+    plugin, _ = plugins.try_load(plugins.LOSS_GROUP, name)
+    add = getattr(plugin, "add_arguments", None)
+    options: Set[str] = set()
+    if add is not None:
+        add(_record_options(argparse.ArgumentParser(add_help=False), options))
+    return options
+
+
+def _add_groups_first(parser: argparse.ArgumentParser, add_groups) -> None:
+    """Calls ``add_groups(parser)`` and moves the argument groups it adds to the top of ``--help``
+    (ours before OpenCLIP's ~190 lines). argparse has no public way to order groups: this is the
+    one place that touches its private list of them."""
+    groups = parser._action_groups
+    before = len(groups)
+    add_groups(parser)
+    groups[:] = groups[before:] + groups[:before]
 
 
 class PluginArgumentParser(argparse.ArgumentParser):
-    """OpenCLIP's parser, plus the plugin flags, with no abbreviations of long options (OpenCLIP
-    would take ``--loss m2mix`` as ``--loss-dist-impl m2mix``).
-
-    Only the chosen loss is imported and adds its flags (every loss for ``--help``, where one
-    that cannot be imported is listed with its error). After parsing: the loss's ``validate``,
-    the evaluation plugins' names and checks, and the pre-flight checks of the data. Errors are
-    one line (no 60-line usage), with a did-you-mean for a mistyped flag.
+    """OpenCLIP's parser with the plugin protocol's flags and checks (:mod:`.plugins`), and with
+    no abbreviations of long options (OpenCLIP would take ``--loss m2mix`` as ``--loss-dist-impl
+    m2mix``). Its own: the plugin flags first in ``--help``, the pre-flight checks of the data,
+    and one-line errors (no 60-line usage), with a did-you-mean for a mistyped flag and the loss
+    that owns a flag given to another.
     """
 
     check_data = True  # the pre-flight checks of data files (parse_args(..., check_data=False) skips them)
@@ -72,75 +101,26 @@ class PluginArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs["allow_abbrev"] = False
         kwargs.setdefault("prog", "m2mix-train")
+        self.known_options: Set[str] = set()
+        _record_options(self, self.known_options)
         super().__init__(*args, **kwargs)
         self._plugins_added = False
-        self._loss_name = "clip"
-
-    def _add_plugin_arguments(self, argv: List[str]) -> None:
-        self._plugins_added = True
-        wants_help = any(t in ("-h", "--help") for t in argv)
-        self._loss_name = _chosen_loss(argv)
-        group = self.add_argument_group("loss and evaluation plugins (m2mix-openclip)")
-        losses = registry.available_losses()
-        group.add_argument("--loss", default="clip",
-                           help=f"Training loss, by registered name: {', '.join(losses)}. Default: clip "
-                                "(OpenCLIP's own choice, unchanged).")
-        group.add_argument("--eval-metrics", nargs="*", default=None, metavar="NAME",
-                           help="Metrics of the validation features added to every evaluation, by registered "
-                                f"name: {', '.join(registry.available_eval_metrics())}. Default: all; the flag "
-                                "alone for none.")
-        for name in registry.available(registry.EVAL_HOOKS_GROUP):
-            hook, error = registry.try_load(registry.EVAL_HOOKS_GROUP, name)
-            if hook is None:
-                self.add_argument_group(f"evaluation hook {name}", description=f"unavailable: {error}")
-            elif getattr(hook, "add_arguments", None) is not None:
-                hook.add_arguments(self)
-        for name in (losses if wants_help else [self._loss_name] if self._loss_name in losses else []):
-            plugin, error = registry.try_load(registry.LOSS_GROUP, name)
-            if plugin is None:
-                self.add_argument_group(f"--loss {name}", description=f"unavailable: {error}")
-                continue
-            add = getattr(plugin, "add_arguments", None)
-            if add is not None:
-                add(self.add_argument_group(f"--loss {name}: {getattr(plugin, 'description', '')}".rstrip(": ")))
-        # Our groups first in --help, OpenCLIP's ~190 lines after them.
-        ours = self._action_groups[2:]
-        self._action_groups[:] = ours + self._action_groups[:2]
+        self._loss_name = plugins.DEFAULT_LOSS
 
     def parse_args(self, args=None, namespace=None):
         argv = sys.argv[1:] if args is None else list(args)
         if not self._plugins_added:
-            self._add_plugin_arguments(argv)
+            self._plugins_added = True
+            self._loss_name = plugins.chosen_loss(argv)
+            _add_groups_first(self, lambda parser: plugins.add_arguments(parser, argv))
         parsed = super().parse_args(argv, namespace)
-        self._check(parsed)
-        return parsed
-
-    def _check(self, args) -> None:
-        try:
-            plugin = registry.get_loss(args.loss)
-        except registry.PluginError as e:
-            self.error(str(e))
-        validate = getattr(plugin, "validate", None)
-        message = validate(args) if validate is not None else None
-        if message:
-            self.error(message)
-        if args.eval_metrics is None:
-            args.eval_metrics = registry.available_eval_metrics()
-        for name in args.eval_metrics:
-            try:
-                registry.get_eval_metric(name)
-            except registry.PluginError as e:
-                self.error(str(e))
-        for name in registry.available(registry.EVAL_HOOKS_GROUP):
-            hook, _ = registry.try_load(registry.EVAL_HOOKS_GROUP, name)
-            message = getattr(hook, "validate", None) and hook.validate(args)
-            if message:
-                self.error(message)
+        plugins.check_args(self, parsed)
         try:
             if self.check_data:
-                preflight.check_args(args, args.loss)
+                preflight.check_args(parsed, parsed.loss)
         except preflight.PreflightError as e:
             self.error(str(e))
+        return parsed
 
     def error(self, message):
         if message.startswith("unrecognized arguments"):
@@ -149,19 +129,15 @@ class PluginArgumentParser(argparse.ArgumentParser):
 
     def _explain_unknown(self, message: str) -> str:
         """A flag of a loss that is not chosen says so; a typo gets the nearest flag."""
-        for name in registry.available_losses():
+        flags = [token.split("=", 1)[0] for token in message.split(":", 1)[1].split()]
+        for name in plugins.available_losses():
             if name == self._loss_name:
                 continue
-            plugin, _ = registry.try_load(registry.LOSS_GROUP, name)
-            add = getattr(plugin, "add_arguments", None)
-            if add is None:
-                continue
-            probe = argparse.ArgumentParser(add_help=False)
-            add(probe)
-            for token in message.split(":", 1)[1].split():
-                if token.split("=", 1)[0] in probe._option_string_actions:
-                    return f"{token.split('=', 1)[0]} belongs to --loss {name}, but --loss is {self._loss_name}"
-        return suggest_flags(message, self._option_string_actions) or message
+            owned = _loss_options(name)
+            for flag in flags:
+                if flag in owned:
+                    return f"{flag} belongs to --loss {name}, but --loss is {self._loss_name}"
+        return suggest_flags(message, self.known_options) or message
 
 
 def _argparse_shim(parser_class=None) -> types.ModuleType:
@@ -173,20 +149,16 @@ def _argparse_shim(parser_class=None) -> types.ModuleType:
 
 # -- logging at OpenCLIP's logging steps -------------------------------------------------------------
 def log_loss_scalars(loss, epoch: int, step: int, args, tb_writer=None) -> Dict[str, float]:
-    """Logs ``loss.logged_scalars()`` as ``train/<key>``: one console line, tensorboard, wandb."""
-    scalars = loss.logged_scalars() if hasattr(loss, "logged_scalars") else {}
-    if not scalars:
-        return {}
-    logging.info(f"Train Epoch: {epoch} step {step} loss scalars: "
-                 + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
-    data = {f"train/{k}": float(v) for k, v in scalars.items()}
-    if tb_writer is not None:
+    """Logs ``loss.logged_scalars()`` (:func:`.plugins.loss_scalars`: one console line) and writes
+    them as ``train/<key>`` to tensorboard and wandb, as a patched OpenCLIP does; returns those values."""
+    data = plugins.loss_scalars(loss, epoch, step)
+    if data and tb_writer is not None:
         for name, value in data.items():
             tb_writer.add_scalar(name, value, step)
-    if getattr(args, "wandb", False):
+    if data and getattr(args, "wandb", False):
         import wandb
         wandb.log(data, step=step)
-    return scalars
+    return data
 
 
 class StepLogger:
@@ -221,10 +193,6 @@ class DeviceAwareDDP(torch.nn.parallel.DistributedDataParallel):
         super().__init__(module, device_ids, *args, **kwargs)
 
 
-def _has_state(loss) -> bool:
-    return isinstance(loss, torch.nn.Module) and len(loss.state_dict()) > 0
-
-
 class _TorchWithLossState:
     """``torch`` as OpenCLIP's main sees it, whose ``save`` adds the loss state to checkpoints."""
 
@@ -251,6 +219,7 @@ class RunHooks:
         self.resume_epoch: Optional[int] = None
         self.resumed_loss_state = None
         self.preprocess_val = None
+        self.evaluation_passes_tokenizer = openclip_compat.evaluation_passes_tokenizer()
 
     def parse_args(self, argv):
         self.args = self.originals["parse_args"](argv)  # the namespace OpenCLIP fills in as it goes
@@ -270,17 +239,17 @@ class RunHooks:
         return checkpoint
 
     def create_loss(self, args):
-        loss = registry.get_loss(args.loss)(args)
-        if self.resume_path is not None and _has_state(loss):
-            state = self.resumed_loss_state
+        state = self.resumed_loss_state
+        if self.resume_path is not None and state is None:
             legacy = os.path.join(os.path.dirname(self.resume_path), LEGACY_LOSS_STATE.format(epoch=self.resume_epoch))
-            if state is None and os.path.exists(legacy):
+            if os.path.exists(legacy):
                 state = torch.load(legacy, map_location="cpu", weights_only=True)["state_dict"]
+        loss = plugins.create_loss(args, state)
+        if self.resume_path is not None and plugins.loss_state_dict(loss) is not None:
             if state is None:
                 logging.warning(f"resuming from {self.resume_path} without a loss state in it: the loss state "
                                 "(mixing-lambda generator) restarts from its seed")
             else:
-                loss.load_state_dict(state)
                 logging.info(f"=> restored loss state from {self.resume_path}")
         self.loss = loss
         logging.info(f"Loss: --loss {args.loss} -> {type(loss).__name__}")
@@ -288,14 +257,13 @@ class RunHooks:
 
     def with_loss_state(self, obj):
         """A training checkpoint (a dict with ``epoch`` and ``state_dict``) gains ``"loss"``."""
-        if isinstance(obj, dict) and "epoch" in obj and "state_dict" in obj and _has_state(self.loss):
-            obj = dict(obj, loss=self.loss.state_dict())
+        if isinstance(obj, dict) and "epoch" in obj and "state_dict" in obj:
+            obj = dict(obj, **plugins.checkpoint_entries(self.loss))
         return obj
 
     def train_one_epoch(self, model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
                         tb_writer=None):
-        if hasattr(loss, "set_epoch"):
-            loss.set_epoch(epoch)
+        plugins.set_epoch(loss, epoch)
         writer = StepLogger(tb_writer, loss, epoch, args) if hasattr(loss, "logged_scalars") else tb_writer
         return self.originals["train_one_epoch"](model, data, loss, epoch, optimizer, scaler, scheduler,
                                                  dist_model, args, tb_writer=writer)
@@ -307,29 +275,18 @@ class RunHooks:
     def get_clip_metrics(self, image_features, text_features, logit_scale):
         metrics = self.originals["get_clip_metrics"](image_features=image_features, text_features=text_features,
                                                      logit_scale=logit_scale)
-        for name in getattr(self.args, "eval_metrics", None) or []:
-            extra = registry.get_eval_metric(name)(image_features.float(), text_features.float())
-            _merge(metrics, extra, f"eval metric {name!r}")
+        metrics.update(plugins.eval_metrics(self.args, image_features, text_features, existing=metrics))
         return metrics
 
     def zero_shot_eval(self, model, data, epoch, args, tokenizer=None):
-        # OpenCLIP 2.20's evaluate passes no tokenizer, and its zero_shot_eval takes none
-        metrics = self.originals["zero_shot_eval"](model, data, epoch, args,
-                                                   **({} if tokenizer is None else {"tokenizer": tokenizer}))
-        if tokenizer is None:
+        if self.evaluation_passes_tokenizer:
+            metrics = self.originals["zero_shot_eval"](model, data, epoch, args, tokenizer=tokenizer)
+        else:  # this trainer evaluates without the run's tokenizer: the hooks get the model's
+            metrics = self.originals["zero_shot_eval"](model, data, epoch, args)
             import open_clip
             tokenizer = open_clip.get_tokenizer(args.model)
-        for name in registry.available(registry.EVAL_HOOKS_GROUP):
-            hook = registry.load(registry.EVAL_HOOKS_GROUP, name)
-            _merge(metrics, hook(model, tokenizer, self.preprocess_val, epoch, args), f"evaluation hook {name!r}")
+        metrics.update(plugins.eval_hooks(model, tokenizer, self.preprocess_val, epoch, args, existing=metrics))
         return metrics
-
-
-def _merge(metrics: dict, extra: dict, source: str) -> None:
-    clash = set(extra) & set(metrics)
-    if clash:
-        raise ValueError(f"{source} returned keys that already exist: {sorted(clash)}")
-    metrics.update({key: float(value) for key, value in extra.items()})
 
 
 @contextlib.contextmanager

@@ -301,3 +301,11 @@ def translate_model_argument(argv: Sequence[str]) -> List[str]:
         elif token.startswith("--model="):
             out[i] = "--model=" + model_name(token[len("--model="):])
     return out
+
+
+def evaluation_passes_tokenizer() -> bool:
+    """Whether the trainer's zero-shot evaluation takes the run's tokenizer, which its
+    ``evaluate`` then passes (2.20's takes none: evaluation hooks get the model's tokenizer there).
+    Read from the trainer's own ``zero_shot`` module, which the launcher never swaps."""
+    zero_shot = importlib.import_module(f"{require_trainer().package}.zero_shot")
+    return "tokenizer" in inspect.signature(zero_shot.zero_shot_eval).parameters
