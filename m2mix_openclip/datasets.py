@@ -8,10 +8,13 @@ CLIP_benchmark's ``ROOT/test/*.tar`` layout) is a new branch of :func:`load_pair
 
 Evaluation in layers (each module imports only from the floors below it; ``tests/test_layers.py``):
 
-    3 tools    analyze.py, demo.py, results.py, integration/zeroshot_hook.py
-    2 tasks    evaluation.py (features, retrieval), zeroshot.py (labelled sets), simat.py
+    3 tools    analyze.py, demo.py, results.py (how a tool ends a run), integration/zeroshot_hook.py,
+               integration/metrics.py
+    2 tasks    evaluation.py (a table row from features), zeroshot.py (labelled sets), simat.py
     1 inputs   datasets.py (reading), models.py (loading), encode.py (embedding)
     0 maths    metrics.py (geometry, calibration, zero-shot scores), retrieval.py (ranks)
+
+The figures, the table and atomic files (plots.py, report.py, atomic.py) serve the tools only.
 
 Conventions, the same as OpenCLIP's trainer uses for the same files:
 
@@ -25,8 +28,10 @@ Conventions, the same as OpenCLIP's trainer uses for the same files:
   (``shard-{000000..000009}.tar``); several sources joined by ``::``, as OpenCLIP joins them.
   Members group into samples as webdataset groups them for OpenCLIP: the key is the member's
   path up to the first dot of its file name, the extension is the rest, lower-cased
-  (``a/0001.seg.png`` is sample ``a/0001``, member ``seg.png``). A sample's image is its first
-  member of :data:`IMAGE_EXTENSIONS` (OpenCLIP's order), its caption ``txt``, its label ``cls``.
+  (``a/0001.seg.png`` is sample ``a/0001``, member ``seg.png``); here a sample's members may
+  stand anywhere in its shard, where webdataset needs them next to each other. A sample's image
+  is its first member of :data:`IMAGE_EXTENSIONS` (OpenCLIP's order), its caption ``txt``, its
+  label ``cls``.
   :func:`read_shard_samples` is the one tar reader.
 
 Every function raises (``ValueError``, ``FileNotFoundError``) with a message that names the file,
