@@ -8,25 +8,28 @@ checkpoint on any CSV or webdataset image-caption data.
 
 Retrieval groups the captions of one image (same CSV path, same shard bytes, or --image-id-key):
 image-to-text R@K counts any of the image's captions, and each image is embedded once.
-Writes OUT/analysis.json and figures (embeddings on the circle, cosine histograms, metric bars).
+Writes OUT/analysis.json and figures (embeddings on the circle, cosine histograms, metric bars), each
+whole or not at all. Relative image paths in a CSV are read from the current directory, as
+OpenCLIP's trainer reads them.
 Checkpoints load with weights_only=True. Errors end in one line (exit 2); --debug shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+import time
 from typing import List, Sequence
 
 import torch
 
-from .evaluation import class_text_features, encode_grouped, evaluate_features, load_model, load_pairs
-from .plots import plot_cosine_histograms, plot_metric_bars, plot_sphere_projection
-from .report import format_table
-from .simat import DEFAULT_SCALES
-from .zeroshot import parse_class_names
+from .datasets import load_pairs, parse_class_names
+from .encode import class_text_features, encode_grouped
+from .evaluation import evaluate_features
+from .models import load_model
+from .results import finish_run
+from .simat import DEFAULT_SCALES, load_simat, simat_evaluate
 
 
 def short_unique_names(paths: Sequence[str]) -> List[str]:
@@ -70,12 +73,11 @@ def figure_keys(has_labels: bool, has_class_names: bool) -> List[str]:
 
 def analyze(args) -> dict:
     """Evaluates every model of ``args``; raises ValueError / FileNotFoundError on bad input."""
+    started = time.time()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     names = model_labels(args)
     pairs = load_pairs(args.data, args.csv_img_key, args.csv_caption_key, args.label_key, args.csv_separator,
-                       image_id_key=args.image_id_key)
-    if args.limit:
-        pairs = pairs[:args.limit]
+                       image_id_key=args.image_id_key, limit=args.limit or None)
     labels = None
     if all(p.get("label") is not None for p in pairs):
         labels = torch.tensor([p["label"] for p in pairs])
@@ -85,10 +87,7 @@ def analyze(args) -> dict:
     if class_names is not None and int(labels.max()) >= len(class_names):
         raise ValueError(f"labels go up to {int(labels.max())} but only {len(class_names)} class names were given")
 
-    simat = None
-    if args.simat_db:
-        from .simat import load_simat, simat_evaluate
-        simat = load_simat(args.simat_db)  # checked before any model is built
+    simat = load_simat(args.simat_db) if args.simat_db else None  # checked before any model is built
     checkpoints = [args.checkpoint] + list(args.compare or [])
     table, features = {}, {}
     num_images = None
@@ -104,24 +103,14 @@ def analyze(args) -> dict:
             table[name].update(simat_evaluate(model, preprocess, tokenizer, args.simat_db, args.simat_domain,
                                               args.simat_scales, args.batch_size, device, data=simat))
         features[name] = (x[caption_image], y)  # per pair, for the figures
-    os.makedirs(args.out, exist_ok=True)
-    figures = {"sphere": os.path.join(args.out, "embeddings_on_circle.png"),
-               "cosines": os.path.join(args.out, "cosine_histograms.png"),
-               "metrics": os.path.join(args.out, "metrics.png")}
-    plot_sphere_projection(features, figures["sphere"])
-    plot_cosine_histograms(features, figures["cosines"])
-    plot_metric_bars(table, figure_keys(labels is not None, class_names is not None), figures["metrics"],
-                     title=f"{args.data} ({len(pairs)} captions of {num_images} images)")
-    report = {"models": table, "data": args.data, "num_pairs": len(pairs), "num_images": num_images,
-              "retrieval_protocol": "grouped by image: i2t hit if any of the image's captions is within K; "
-                                    "geometry and label precision per pair",
-              "checkpoints": dict(zip(names, checkpoints)), "figures": figures, "model": args.model}
-    with open(os.path.join(args.out, "analysis.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"{len(pairs)} captions of {num_images} images")
-    print(format_table(table))
-    print(f"\nwrote {os.path.join(args.out, 'analysis.json')} and {len(figures)} figures")
-    return report
+    return finish_run(
+        args.out, "analysis.json", table, features, figure_keys(labels is not None, class_names is not None),
+        figure_title=f"{args.data} ({len(pairs)} captions of {num_images} images)",
+        fields={"data": args.data, "num_pairs": len(pairs), "num_images": num_images,
+                "retrieval_protocol": "grouped by image: i2t hit if any of the image's captions is within K; "
+                                      "geometry and label precision per pair",
+                "checkpoints": dict(zip(names, checkpoints)), "model": args.model},
+        heading=[f"{len(pairs)} captions of {num_images} images"], started=started)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Also score SIMAT (embedding arithmetic) on the benchmark's simat_db folder.")
     parser.add_argument("--simat-domain", default="dev", choices=["dev", "test"], help="SIMAT split (default dev).")
     parser.add_argument("--simat-scales", type=float, nargs="+", default=list(DEFAULT_SCALES), metavar="S",
-                        help="SIMAT scales tried; the best is reported (default 0.5, 1.0, ..., 6.5).")
+                        help="SIMAT scales tried; the best is reported (default 0.5, 1.0, ..., 6.0, 7.0, as the m²-Mix "
+                             "reference; 1 alone is the benchmark's eval.py default).")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--limit", type=int, default=None, help="Use at most this many pairs.")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")

@@ -15,7 +15,7 @@ import io
 import json
 import os
 import tarfile
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -129,16 +129,6 @@ def write_dataset(out_dir: str, splits: Sequence[str] = SPLITS, limit: Optional[
     with open(os.path.join(out_dir, "classnames.txt"), "w") as f:  # for --zeroshot-classnames
         f.write("\n".join(CLASS_NAMES) + "\n")
     return manifest
-
-
-def read_csv(path: str, img_key: str = "filepath", caption_key: str = "title",
-             sep: str = "\t") -> List[dict]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter=sep))
-    if rows and (img_key not in rows[0] or caption_key not in rows[0]):
-        raise ValueError(f"{path}: columns {list(rows[0])} lack {img_key!r} or {caption_key!r} "
-                         "(set --csv-img-key / --csv-caption-key / --csv-separator)")
-    return rows
 
 
 def main(argv=None):

@@ -22,10 +22,13 @@ import time
 import torch
 
 from .data import CLASS_NAMES, SHIFTS, ZERO_SHOT_TEMPLATES, write_dataset
-from .evaluation import class_text_features, encode, evaluate_features, load_model, load_pairs, zero_shot_metrics
+from .datasets import load_pairs
+from .encode import class_text_features, encode
+from .evaluation import evaluate_features
 from .integration import openclip_compat
-from .plots import plot_cosine_histograms, plot_metric_bars, plot_sphere_projection
-from .report import format_table
+from .models import load_model, read_checkpoint
+from .results import finish_run
+from .zeroshot import zero_shot_metrics
 
 TINY_MODEL = {
     "model_cfg": {
@@ -42,7 +45,7 @@ def write_local_model(folder: str, config: dict = TINY_MODEL) -> str:
 
     The text context length is raised to what the installed tokenizer gives where the tokenizer
     ignores the model's own (OpenCLIP 2.20 always gives 77 tokens). Before OpenCLIP 3.0, which
-    has no ``local-dir:``, the launcher and ``evaluation.load_model`` register the folder's config
+    has no ``local-dir:``, the launcher and ``models.load_model`` register the folder's config
     in-process (``openclip_compat.model_name``)."""
     text_cfg = config["model_cfg"]["text_cfg"]
     context = openclip_compat.tokenizer_context_length(text_cfg["context_length"])
@@ -80,9 +83,7 @@ def _train(name, args, out, model_name, epochs, extra, log):
 
 def _bare_state(checkpoint, path):
     """A model-only state dict: OpenCLIP then fine-tunes from it with a fresh optimizer at epoch 0."""
-    with openclip_compat.numpy_scalars_allowed():  # the learning rates in checkpoints of OpenCLIP < 2.30
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    torch.save({k.removeprefix("module."): v for k, v in state.items()}, path)
+    torch.save(read_checkpoint(checkpoint), path)
     return path
 
 
@@ -138,30 +139,13 @@ def run_demo(args) -> dict:
     stages.update()
     stages.close()
 
-    figures = {
-        "sphere": os.path.join(out, "embeddings_on_circle.png"),
-        "cosines": os.path.join(out, "cosine_histograms.png"),
-        "metrics": os.path.join(out, "metrics.png"),
-    }
-    plot_sphere_projection(features, figures["sphere"])
-    plot_cosine_histograms(features, figures["cosines"])
-    plot_metric_bars(table, FIGURE_KEYS, figures["metrics"], title="m2mix-demo: the test split of the digit scans")
-    result = {
-        "models": table,
-        "settings": {k: v for k, v in vars(args).items()},
-        "data": {k: v["num_samples"] for k, v in data.items()},
-        "figures": figures,
-        "training_log": log,
-    }
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    print(format_table(table))
-    if getattr(args, "fast", False):
-        print("\n--fast: a smoke test of the pipeline (96 samples, 2 epochs): these numbers say nothing "
-              "about m²-Mix, accuracy can sit below chance; run without --fast for the real demo.")
-    print(f"\nresults: {os.path.join(out, 'results.json')}\nfigures: {', '.join(figures.values())}\n"
-          f"took {time.time() - start:.0f} s")
-    return result
+    fast = ("--fast: a smoke test of the pipeline (96 samples, 2 epochs): these numbers say nothing about "
+            "m²-Mix, accuracy can sit below chance; run without --fast for the real demo.")
+    return finish_run(out, "results.json", table, features, FIGURE_KEYS,
+                      figure_title="m2mix-demo: the test split of the digit scans",
+                      fields={"settings": dict(vars(args)), "data": {k: v["num_samples"] for k, v in data.items()},
+                              "training_log": log},
+                      notes=[fast] if getattr(args, "fast", False) else [], started=start)
 
 
 def main(argv=None):

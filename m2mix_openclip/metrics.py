@@ -1,8 +1,28 @@
-"""Embedding-geometry metrics of paired image and text features.
+"""The maths of evaluation, floor 0: pure tensor functions, no model, no files.
 
-Alignment and uniformity follow Wang and Isola (ICML 2020); the modality gap follows
-Liang et al. (NeurIPS 2022). Everything is computed in row chunks: memory is O(chunk * N),
-never an N x N x D tensor nor a full N x N matrix.
+(Layers: see :mod:`m2mix_openclip.datasets`; retrieval ranks are in :mod:`m2mix_openclip.retrieval`.)
+
+Embedding geometry of paired image and text features: alignment and uniformity follow Wang and
+Isola (ICML 2020); the modality gap follows Liang et al. (NeurIPS 2022). Everything is computed in
+row chunks: memory is O(chunk * N), never an N x N x D tensor nor a full N x N matrix.
+
+Calibration (:func:`expected_calibration_error`, the ``*_ece`` figures of every tool and of the
+zero-shot hook): the top-1 confidence against "the top-1 prediction is right", in 15 equal-width
+bins. Bins are closed on the right, (lo, hi], the first one [0, 1/15], as in the textbook
+definition (Guo et al. 2017): every confidence lies in exactly one of the 15 bins, 1.0 in the last.
+torchmetrics (``MulticlassCalibrationError``, ``calibration_error``; binning rewritten in 2023,
+PR #1648; checked against 1.9.0) differs in two ways: its bins are closed on the left, [lo, hi), and a
+confidence of exactly 1.0 (a saturated softmax, common in float32) falls into a 16th bin of its own
+(torchmetrics issue #3510). Where no confidence is exactly 1.0 or on an inner edge, the two agree
+to float32 rounding. Otherwise the split top bin can only raise torchmetrics' figure, by
+``2 min(s1 (1 - a1), s2 (a2 - c2))`` (s1, a1: share and accuracy of the confidences at 1.0; s2, a2,
+c2: share, accuracy and mean confidence of the rest of [14/15, 1), counted only when a2 > c2),
+always below 1/8: one wrong answer at 1.0 and one right at 0.95 give 0.475 here, 0.525 there; one
+wrong at 1.0 and 15 right at 0.934 give 0.0006 here, 0.124 there. To reproduce a torchmetrics
+figure exactly, use torchmetrics.
+
+Zero-shot scores (:func:`zero_shot_scores`): top-1 and top-5 accuracy (top-5 from 5 classes on),
+and the ECE of the softmax confidence at the model's ``logit_scale``.
 """
 
 from __future__ import annotations
@@ -13,7 +33,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-__all__ = ["embedding_geometry", "alignment", "uniformity"]
+__all__ = ["embedding_geometry", "alignment", "uniformity", "expected_calibration_error", "zero_shot_scores"]
 
 # Elements of one (chunk, N) block: 8 M floats = 32 MB, a few such buffers live at once.
 _BLOCK_ELEMENTS = 8 * 1024 * 1024
@@ -149,3 +169,53 @@ def embedding_geometry(
         "positive_cosine": (positive_sum / n).item(),
         "negative_cosine": ((sum_x @ sum_y - positive_sum) / (n * (n - 1))).item(),
     }
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
+    r"""ECE: :math:`\sum_b \frac{|B_b|}{N} \, |\mathrm{acc}(B_b) - \mathrm{conf}(B_b)|
+    = \frac1N \sum_b |\sum_{i \in B_b} (\mathrm{correct}_i - \mathrm{confidence}_i)|`
+    over ``bins`` equal-width bins B_b = (b/bins, (b+1)/bins], the first one closed, [0, 1/bins]
+    (see the module docstring for how torchmetrics bins differently).
+
+    Args:
+        confidence: (N,) floats in [0, 1]; correct: (N,) bools (or 0/1).
+    Returns:
+        The ECE as a Python float; 0.0 for N = 0; NaN when a confidence is NaN (a diverged
+        model's evaluation reports it rather than stopping the run).
+    Raises:
+        ValueError: a confidence outside [0, 1], shapes that differ, or ``bins`` < 1.
+    """
+    if not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be a whole number >= 1, got {bins!r}")
+    confidence, correct = confidence.detach().double().flatten().cpu(), correct.detach().double().flatten().cpu()
+    if confidence.shape != correct.shape:
+        raise ValueError(f"confidence has {confidence.numel()} values, correct {correct.numel()}")
+    if confidence.numel() == 0:
+        return 0.0
+    if bool(confidence.isnan().any()):
+        return float("nan")
+    if bool((confidence < 0).any() | (confidence > 1).any()):
+        low, high = float(confidence.min()), float(confidence.max())
+        raise ValueError(f"confidences must lie in [0, 1]; got {low:.6g}..{high:.6g}")
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    # bucketize (right=False) gives b with edges[b-1] < x <= edges[b]: bin b-1 = (lo, hi]; 0 joins the first bin
+    index = (torch.bucketize(confidence, edges) - 1).clamp_(min=0)
+    gap = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct - confidence)
+    return (gap.abs().sum() / confidence.numel()).item()
+
+
+def zero_shot_scores(similarity: torch.Tensor, labels: torch.Tensor, logit_scale: float,
+                     bins: int = 15) -> Dict[str, float]:
+    """Zero-shot scores of an (N, C) image-class similarity matrix against (N,) labels:
+    ``top1``, ``top5`` (where there are at least 5 classes) and ``ece`` (the
+    :func:`expected_calibration_error` of the top-1 softmax confidence at ``logit_scale``)."""
+    similarity = similarity.float()
+    probs = (logit_scale * similarity).softmax(dim=1)
+    confidence, prediction = probs.max(dim=1)
+    correct = prediction == labels
+    scores = {"top1": correct.float().mean().item()}
+    if similarity.shape[1] >= 5:
+        top5 = similarity.topk(5, dim=1).indices
+        scores["top5"] = (top5 == labels[:, None]).any(dim=1).float().mean().item()
+    scores["ece"] = expected_calibration_error(confidence, correct, bins)
+    return scores

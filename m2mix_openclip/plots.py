@@ -2,10 +2,10 @@
 
 Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly: importing this
 module changes no process-wide state (no ``matplotlib.use``, no pyplot figure registry). Each
-function writes a PNG and returns the Figure (for a notebook or a further ``savefig``). Every
-figure says what it shows: panel titles name the model or the metric and which way is better
-(:mod:`m2mix_openclip.report`), legends explain every mark, and the constrained layout keeps
-titles, labels and legends apart and inside the canvas."""
+function writes a PNG, whole or not at all (:mod:`m2mix_openclip.atomic`), and returns the Figure
+(for a notebook or a further ``savefig``). Every figure says what it shows: panel titles name the
+model or the metric and which way is better (:mod:`m2mix_openclip.report`), legends explain every
+mark, and the constrained layout keeps titles, labels and legends apart and inside the canvas."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Circle
 
+from .atomic import write_atomically
 from .report import metric
 
 # one colour per model, the same in every figure: the first model (usually the baseline) grey
@@ -47,6 +48,11 @@ def _note(fig, text: str) -> None:
 
 def _title(fig, text: str) -> None:
     fig.suptitle(_wrap(fig, text, 11), fontsize=11)
+
+
+def _save(fig, path: str) -> None:
+    """The figure as a PNG at ``path``, written whole or not at all."""
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
 def model_colours(names: Sequence[str]) -> Dict[str, str]:
@@ -111,7 +117,7 @@ def plot_sphere_projection(models: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
     _note(fig, "Each embedding is projected on the plane of the gap direction and the main direction of spread, "
                "then put back on the unit circle: two separate arcs are the modality gap. An arrow is a modality's "
                "mean embedding; the longer it is (at most 1), the narrower that modality's cone.")
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     return fig
 
 
@@ -144,7 +150,7 @@ def plot_cosine_histograms(models: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
     _title(fig, "Cosine similarity of matching and non-matching image-caption pairs")
     _note(fig, "Dashed lines: the means. The further the matching pairs sit to the right of the non-matching "
                "ones, the better the pairs are told apart.")
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     return fig
 
 
@@ -176,5 +182,5 @@ def plot_metric_bars(table: Dict[str, Dict[str, float]], keys: Sequence[str], pa
                loc="outside lower center", ncols=min(len(names), 5), fontsize=8, frameon=False)
     if title:
         _title(fig, title)
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     return fig

@@ -160,7 +160,8 @@ def test_class_names_without_labels_is_an_error_not_an_exit(tiny, tmp_path):
     ("no-such-tag", "(the tags of 'ViT-B-32': openai, "),
 ])
 def test_pretrained_that_cannot_be_had_is_one_clean_error(tmp_path, tag, hint):
-    (tmp_path / "d.csv").write_text("filepath\ttitle\nx.png\ta cat\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")  # the data is read, and checked, before the model
+    (tmp_path / "d.csv").write_text(f"filepath\ttitle\n{tmp_path / 'x.png'}\ta cat\n")
     proc = subprocess.run([sys.executable, "-m", "m2mix_openclip.analyze", "--model", "ViT-B-32", "--pretrained",
                            tag, "--data", str(tmp_path / "d.csv"), "--out", str(tmp_path / "r")],
                           capture_output=True, text=True,

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from m2mix_openclip.data import CLASS_NAMES, load_digits_arrays, split_indices
-from m2mix_openclip.evaluation import load_model, load_pairs
+from m2mix_openclip.datasets import load_pairs
+from m2mix_openclip.models import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -2,12 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2mix_openclip.evaluation import (
-    embedding_arithmetic,
-    expected_calibration_error,
-    grouped_retrieval,
-    retrieval_metrics,
-)
+from m2mix_openclip.metrics import expected_calibration_error
+from m2mix_openclip.retrieval import embedding_arithmetic, grouped_retrieval, retrieval_metrics
 
 
 def test_ece_hand_worked():
@@ -17,6 +13,49 @@ def test_ece_hand_worked():
     conf = torch.tensor([0.95, 0.95, 0.25, 0.25])
     correct = torch.tensor([True, True, False, False])
     assert expected_calibration_error(conf, correct) == pytest.approx(0.5 * 0.05 + 0.5 * 0.25)
+
+
+def plain_ece(confidence, correct, bins=15):
+    """The textbook loop: bins (lo, hi], the first [0, hi]; share * |accuracy - mean confidence|."""
+    edges = [k / bins for k in range(bins + 1)]
+    total = 0.0
+    for b in range(bins):
+        inside = [i for i, c in enumerate(confidence) if (edges[b] < c or b == 0) and c <= edges[b + 1]]
+        if inside:
+            accuracy = sum(correct[i] for i in inside) / len(inside)
+            mean = sum(confidence[i] for i in inside) / len(inside)
+            total += len(inside) / len(confidence) * abs(accuracy - mean)
+    return total
+
+
+def test_ece_equals_the_textbook_loop_with_edges_zero_and_one():
+    g = torch.Generator().manual_seed(5)
+    confidence = torch.cat([torch.rand(200, generator=g, dtype=torch.float64),
+                            torch.tensor([0.0, 1.0, 1.0, 0.5, 1 / 3], dtype=torch.float64)])
+    correct = torch.rand(len(confidence), generator=g) < confidence.float()
+    want = plain_ece(confidence.tolist(), correct.tolist())
+    assert expected_calibration_error(confidence, correct) == pytest.approx(want, abs=1e-12)
+    assert expected_calibration_error(confidence, correct, bins=4) == pytest.approx(
+        plain_ece(confidence.tolist(), correct.tolist(), 4), abs=1e-12)
+
+
+def test_ece_counts_a_confidence_of_one_in_the_top_bin():
+    # one bin (14/15, 1]: accuracy 1/2, mean confidence 0.975 (torchmetrics gives 0.525: 1.0 alone)
+    assert expected_calibration_error(torch.tensor([1.0, 0.95]), torch.tensor([False, True])) == pytest.approx(0.475)
+    # 0 joins the first bin, [0, 1/15]: accuracy 1/2, mean confidence 0.025
+    assert expected_calibration_error(torch.tensor([0.0, 0.05]), torch.tensor([True, False])) == pytest.approx(0.475)
+
+
+def test_ece_input_checks():
+    assert expected_calibration_error(torch.empty(0), torch.empty(0, dtype=torch.bool)) == 0.0
+    nan = expected_calibration_error(torch.tensor([0.5, float("nan")]), torch.tensor([True, False]))
+    assert nan != nan  # a diverged model's evaluation reports NaN, it does not stop the run
+    with pytest.raises(ValueError, match=r"confidences must lie in \[0, 1\]; got -0\.1\.\.0\.5"):
+        expected_calibration_error(torch.tensor([-0.1, 0.5]), torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="confidence has 2 values, correct 3"):
+        expected_calibration_error(torch.tensor([0.1, 0.5]), torch.tensor([True, False, True]))
+    with pytest.raises(ValueError, match="bins must be a whole number >= 1, got 0"):
+        expected_calibration_error(torch.tensor([0.1]), torch.tensor([True]), bins=0)
 
 
 def test_retrieval_of_identical_modalities_and_label_precision():

@@ -78,7 +78,7 @@ def test_recipe_commands_parse(script, loss, tmp_path):
 
 
 def test_prepare_one_caption_per_image_and_grouped_loading(tmp_path):
-    from m2mix_openclip.evaluation import group_by_image, load_pairs
+    from m2mix_openclip.datasets import group_by_image, load_pairs
     _images(tmp_path / "img", ["1.jpg", "2.jpg"])
     (tmp_path / "cap.token").write_text("1.jpg#0\tA dog runs .\n2.jpg#0\tTwo cats .\n1.jpg#1\tA brown dog .\n"
                                         "2.jpg#1\tCats sit .\n1.jpg#2\tDog .\n")

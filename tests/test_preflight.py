@@ -55,7 +55,7 @@ def test_comma_separated_csv_names_the_separator_and_columns(tmp_path):
 def test_a_first_image_that_does_not_exist(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text("filepath\ttitle\nimages/x.png\ta caption\n")
-    with pytest.raises(PreflightError, match=r"line 2 names image 'images/x.png', which does not exist "
+    with pytest.raises(PreflightError, match=r"r\.csv line 2: image 'images/x.png' not found "
                                              r"\(relative paths are read from the current directory"):
         check_args(make_args(train_data=str(path)))
 

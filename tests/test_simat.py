@@ -9,8 +9,8 @@ from PIL import Image
 
 from m2mix_openclip.analyze import main as analyze_main
 from m2mix_openclip.demo import write_local_model
-from m2mix_openclip.evaluation import embedding_arithmetic
-from m2mix_openclip.simat import load_simat, simat_evaluate, simat_scores
+from m2mix_openclip.retrieval import embedding_arithmetic
+from m2mix_openclip.simat import DEFAULT_SCALES, load_simat, simat_evaluate, simat_scores
 
 
 def write_db(folder, regions, transfos, similarity, image_colours=None):
@@ -142,3 +142,11 @@ def test_analyze_simat_db_flag(tmp_path):
     assert row["simat_dev"] == max(row["simat_dev@1"], row["simat_dev@2"])
     assert analyze_main(["--model", model_name, "--data", str(tmp_path / "d.csv"), "--simat-db",
                          str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")]) == 2
+
+
+def test_default_scales_are_the_m2mix_reference_list():
+    from m2mix_openclip.analyze import build_parser
+    # changdaeoh/multimodal-mixup, main.py, SIMAT_eval: `for lbd in [0.5,1,1.5,2,2.5,3,3.5,4,4.5,5,5.5,6,7]`
+    assert list(DEFAULT_SCALES) == [0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5, 5.5, 6, 7]
+    args = build_parser().parse_args(["--model", "m", "--data", "d.csv", "--out", "o"])
+    assert args.simat_scales == list(DEFAULT_SCALES)

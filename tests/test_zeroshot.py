@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from m2mix_openclip.data import CLASS_NAMES, write_dataset
+from m2mix_openclip.datasets import load_labelled_set, parse_class_names, parse_templates
 from m2mix_openclip.integration import zeroshot_hook
-from m2mix_openclip.zeroshot import load_labelled_set, parse_class_names, parse_templates, zero_shot_scores
+from m2mix_openclip.metrics import zero_shot_scores
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_bad_sets_name_the_set_and_the_problem(digits, tmp_path):
     with pytest.raises(ValueError, match=r"line 2: image '/nowhere/x.png' not found"):
         load_labelled_set("bad", str(bad), 10)
     bad.write_text("path,label\nx.png,1\n")
-    with pytest.raises(ValueError, match=r"lack 'filepath'"):
+    with pytest.raises(ValueError, match=r"no column 'filepath'"):
         load_labelled_set("bad", str(bad), 10)
     shard = tmp_path / "s-000000.tar"
     with tarfile.open(shard, "w") as tar:

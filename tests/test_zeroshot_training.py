@@ -7,7 +7,7 @@ from PIL import Image
 from trainer_utils import common_args, csv_args, launcher, results, write_tiny_model
 
 from m2mix_openclip.data import CLASS_NAMES, write_dataset
-from m2mix_openclip.zeroshot import load_labelled_set
+from m2mix_openclip.datasets import load_labelled_set
 
 pytestmark = pytest.mark.slow
 TEMPLATES = ["a handwritten digit {c}", "the number {c}"]

@@ -3,16 +3,21 @@
 Each failure is one line that names the file or flag and the fix; ``m2mix-train`` prints it
 and exits with 2, without a traceback. What can only be found while training (an image that a
 CSV row names but that is missing) raises :class:`MissingImageError` with the file and line.
+Data is read by :mod:`m2mix_openclip.datasets`, as evaluation and the zero-shot hook read it:
+the same CSV columns check, the same image-path rule (relative to the current directory, as
+OpenCLIP's ``CsvDataset`` opens images) and the same error for a missing image.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import glob
 import importlib.util
 import os
 from typing import Optional
+
+from ..datasets import MissingImageError, missing_image_error, read_csv_rows, resolve_image, shard_patterns
+from . import openclip_compat
 
 __all__ = ["PreflightError", "MissingImageError", "check_args", "report_missing_images", "one_line"]
 
@@ -21,10 +26,6 @@ CONTRASTIVE_LOSSES = ("clip", "m2mix")
 
 class PreflightError(ValueError):
     """A training command that cannot work; the message is one line naming the flag and the fix."""
-
-
-class MissingImageError(FileNotFoundError):
-    """An image named by a CSV row is missing (raised while loading that sample)."""
 
 
 def _is_remote(path: str) -> bool:
@@ -38,56 +39,29 @@ def _dataset_kind(path: str, dataset_type: str) -> str:
     return {"csv": "csv", "tsv": "csv", "tar": "webdataset"}.get(ext, "unknown")
 
 
-def _sniff_separator(header: str) -> Optional[str]:
-    counts = {sep: header.count(sep) for sep in ("\t", ",", ";", "|")}
-    best = max(counts, key=counts.get)
-    return best if counts[best] else None
-
-
 def _check_csv(flag: str, path: str, args) -> None:
-    if not os.path.isfile(path):
-        raise PreflightError(f"{flag} {path}: file not found")
+    """The header and the first row, read as OpenCLIP's ``CsvDataset`` will read every row: the
+    columns it needs, and the first image by the package's one path rule
+    (:func:`m2mix_openclip.datasets.resolve_image`). Only one row: training CSVs can hold millions."""
     try:
-        with open(path, newline="") as f:
-            header = f.readline().rstrip("\r\n")
-            f.seek(0)
-            reader = csv.DictReader(f, delimiter=args.csv_separator)
-            columns = reader.fieldnames or []
-            first = next(reader, None)
-    except (OSError, UnicodeDecodeError) as e:
-        raise PreflightError(f"{flag} {path}: cannot be read ({e})") from None
-    wanted = [args.csv_img_key, args.csv_caption_key]
-    missing = [c for c in wanted if c not in columns]
-    if missing:
-        seen = _sniff_separator(header)
-        hint = ""
-        if seen is not None and seen != args.csv_separator:
-            looks = "tab" if seen == "\t" else repr(seen)
-            hint = f"; the file looks {looks}-separated: pass --csv-separator {seen!r}"
-        raise PreflightError(
-            f"{flag} {path}: no column {missing[0]!r} with separator {args.csv_separator!r} "
-            f"(columns found: {columns}){hint}; or set --csv-img-key / --csv-caption-key")
-    if first is None:
-        raise PreflightError(f"{flag} {path}: the CSV holds a header and no rows")
-    image = first[args.csv_img_key]
-    if not os.path.isfile(image):
-        relative = ("" if os.path.isabs(image)
-                    else f" (relative paths are read from the current directory, {os.getcwd()})")
-        raise PreflightError(f"{flag} {path}: line 2 names image {image!r}, which does not exist{relative}")
+        [(line, row)] = read_csv_rows(path, {args.csv_img_key: "--csv-img-key",
+                                             args.csv_caption_key: "--csv-caption-key"}, args.csv_separator, limit=1)
+        resolve_image(row[args.csv_img_key], path, line)
+    except (OSError, ValueError) as e:
+        raise PreflightError(f"{flag} {e}") from None
 
 
 def _check_shards(flag: str, spec: str) -> None:
-    import braceexpand
-    for pattern in spec.split("::"):  # OpenCLIP's separator for several sources
-        if _is_remote(pattern):
+    for source in spec.split("::"):  # OpenCLIP's separator for several sources
+        if _is_remote(source):
             continue
-        paths = list(braceexpand.braceexpand(pattern))
+        paths = shard_patterns(source)
         missing = [p for p in paths if not glob.glob(p)]
         if missing:
             example = missing[0]
             raise PreflightError(
-                f"{flag} {pattern}: {len(missing)} of {len(paths)} shard(s) not found, e.g. {example}"
-                + ("" if "{" in pattern or len(paths) > 1
+                f"{flag} {source}: {len(missing)} of {len(paths)} shard(s) not found, e.g. {example}"
+                + ("" if "{" in source or len(paths) > 1
                    else "; use a brace pattern such as 'shard-{000000..000009}.tar'"))
 
 
@@ -107,7 +81,6 @@ def _check_data(flag: str, spec: Optional[str], args) -> None:
 
 def _trainer_module(name: str):
     """A module of the installed OpenCLIP trainer (``open_clip_train`` or ``training``), or None."""
-    from . import openclip_compat
     try:
         return importlib.import_module(f"{openclip_compat.require_trainer().package}.{name}")
     except (ImportError, openclip_compat.UnsupportedOpenCLIP):
@@ -226,8 +199,7 @@ def report_missing_images(dataset_class):
             return original_getitem(self, idx)
         except FileNotFoundError:
             source = getattr(self, "_m2mix_source", "the CSV")
-            raise MissingImageError(
-                f"{source} line {idx + 2}: image {str(self.images[idx])!r} not found") from None
+            raise missing_image_error(source, idx + 2, str(self.images[idx])) from None
 
     dataset_class.__init__, dataset_class.__getitem__ = __init__, __getitem__
     try:

@@ -10,7 +10,8 @@ gives ``clean-zeroshot-top1``, ``clean-zeroshot-top5`` (at least 5 classes),
 tensorboard and wandb, beside OpenCLIP's own figures. The sets are read and checked when the
 arguments are parsed, before the model is built; the class-text classifier is built once per
 evaluation, images go through the model in batches of ``--batch-size``, under the run's
-``--precision``. The maths is :mod:`m2mix_openclip.zeroshot`, shared with ``m2mix-analyze``.
+``--precision``. The reading, scoring and naming are :mod:`m2mix_openclip.zeroshot`'s, whose
+scores ``m2mix-analyze`` and ``m2mix-demo`` print as ``zero_shot_accuracy`` / ``zero_shot_ece``.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ import torch
 
 from ..zeroshot import (
     LabelledSet,
+    labelled_set_metrics,
     load_labelled_set,
     parse_class_names,
     parse_templates,
-    zero_shot_classifier,
-    zero_shot_logits,
-    zero_shot_scores,
+    set_metric_keys,
 )
 from .registry import EvalHook
 
@@ -102,37 +102,32 @@ def _precision(args, device: torch.device):
     return contextlib.nullcontext, input_dtype
 
 
-@torch.no_grad()
 def zeroshot_metrics(model, tokenizer, preprocess, epoch: int, args) -> Dict[str, float]:
-    """The hook: ``NAME-zeroshot-top1`` / ``-top5`` / ``-ece`` for every ``--zeroshot-data`` set."""
+    """The hook: ``NAME-zeroshot-top1`` / ``-top5`` / ``-ece`` for every ``--zeroshot-data`` set
+    (:func:`m2mix_openclip.zeroshot.labelled_set_metrics`)."""
     sets = getattr(args, "zeroshot_data", None)
     if not sets:
         return {}
     model = getattr(model, "module", model)  # DistributedDataParallel
     device = torch.device(args.device)
     autocast, input_dtype = _precision(args, device)
+    classes = parse_class_names(args.zeroshot_classnames)
+    labelled = [_loaded.get((name, path)) or load_labelled_set(
+        name, path, len(classes), args.csv_img_key, args.zeroshot_label_key, args.csv_separator)
+        for name, path in sets]
     was_training = model.training
     model.eval()
-    classes = parse_class_names(args.zeroshot_classnames)
-    classifier = zero_shot_classifier(model, tokenizer, classes, parse_templates(args.zeroshot_templates),
-                                      device, autocast)  # once per evaluation
-    scale = float(model.logit_scale.exp())
-    out: Dict[str, float] = {}
-    for name, path in sets:
-        labelled = _loaded.get((name, path)) or load_labelled_set(
-            name, path, len(classes), args.csv_img_key, args.zeroshot_label_key, args.csv_separator)
-        similarity = zero_shot_logits(model, preprocess, labelled.images, classifier, args.batch_size,
-                                      device, autocast, input_dtype)
-        for key, value in zero_shot_scores(similarity, labelled.labels, scale).items():
-            out[f"{name}-zeroshot-{key}"] = value
-    model.train(was_training)
-    return out
+    try:
+        return labelled_set_metrics(model, preprocess, tokenizer, labelled, classes,
+                                    parse_templates(args.zeroshot_templates), args.batch_size, device, autocast,
+                                    input_dtype)
+    finally:
+        model.train(was_training)
 
 
 def metric_names(args) -> List[str]:
     """The keys the hook will return for ``args`` (for clash checks before training)."""
-    sets = getattr(args, "zeroshot_data", None) or []
-    return [f"{name}-zeroshot-{k}" for name, _ in sets for k in ("top1", "top5", "ece")]
+    return set_metric_keys([name for name, _ in getattr(args, "zeroshot_data", None) or []])
 
 
 ZEROSHOT_HOOK = EvalHook(run=zeroshot_metrics, add_arguments=add_arguments, validate=validate,

@@ -1,0 +1,360 @@
+"""Reading data: image-caption pairs and labelled sets from CSV files and webdataset shards.
+
+The one place that turns files into samples, for the training pre-flight checks
+(:mod:`m2mix_openclip.integration.preflight`), evaluation (``m2mix-analyze``, ``m2mix-demo``) and
+zero-shot classification (the ``--zeroshot-data`` hook). A new data form (an ImageFolder tree,
+CLIP_benchmark's ``ROOT/test/*.tar`` layout) is a new branch of :func:`load_pairs` /
+:func:`load_labelled_set` here and nowhere else.
+
+Evaluation in layers (each module imports only from the floors below it; ``tests/test_layers.py``):
+
+    3 tools    analyze.py, demo.py, results.py (how a tool ends a run), integration/zeroshot_hook.py,
+               integration/metrics.py
+    2 tasks    evaluation.py (a table row from features), zeroshot.py (labelled sets), simat.py
+    1 inputs   datasets.py (reading), models.py (loading), encode.py (embedding)
+    0 maths    metrics.py (geometry, calibration, zero-shot scores), retrieval.py (ranks)
+
+The figures, the table and atomic files (plots.py, report.py, atomic.py) serve the tools only.
+
+Conventions, the same as OpenCLIP's trainer uses for the same files:
+
+- CSV: a header row, then one sample per row, columns split at ``sep`` (tab by default, as
+  ``--csv-separator``). Row ``i`` (0-based) is reported as line ``i + 2``.
+- Image paths in a CSV are opened as written: a relative path is read from the current directory,
+  as OpenCLIP's ``CsvDataset`` opens it for training (never from the CSV's folder). Where a
+  relative path exists only beside the CSV, the error says so. :func:`resolve_image` is this
+  rule, used by every reader and by the pre-flight check.
+- Shards: local ``.tar`` files named by a path, a glob or a brace pattern
+  (``shard-{000000..000009}.tar``); several sources joined by ``::``, as OpenCLIP joins them.
+  Members group into samples as webdataset groups them for OpenCLIP: the key is the member's
+  path up to the first dot of its file name, the extension is the rest, lower-cased
+  (``a/0001.seg.png`` is sample ``a/0001``, member ``seg.png``); here a sample's members may
+  stand anywhere in its shard, where webdataset needs them next to each other. A sample's image
+  is its first member of :data:`IMAGE_EXTENSIONS` (OpenCLIP's order), its caption ``txt``, its
+  label ``cls``.
+  :func:`read_shard_samples` is the one tar reader.
+
+Every function raises (``ValueError``, ``FileNotFoundError``) with a message that names the file,
+the line or sample, and the fix; the tools turn it into one line.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from PIL import Image
+
+__all__ = ["IMAGE_EXTENSIONS", "MissingImageError", "missing_image_error", "resolve_image", "read_csv_rows",
+           "shard_patterns", "shard_files", "read_shard_samples", "load_pairs", "group_by_image", "open_image",
+           "LabelledSet", "load_labelled_set", "parse_class_names", "parse_templates"]
+
+# the image members OpenCLIP's webdataset pipeline takes, in its order of preference (image="jpg;png;jpeg;webp")
+IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")
+CSV_SUFFIXES = (".csv", ".tsv")
+SHARD_HELP = ("a .csv/.tsv file, or .tar shards as a path, a glob or a brace pattern such as "
+              "'shard-{000000..000009}.tar'")
+# webdataset's rule for member names (tariterators.base_plus_ext): key up to the first dot of the file name
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+# -- images named by CSV rows ---------------------------------------------------------------------
+class MissingImageError(FileNotFoundError):
+    """An image that a CSV row names does not exist (the message names the file, line and image).
+
+    Constructed from its message alone, so that a DataLoader worker can re-raise it;
+    :func:`missing_image_error` builds the message."""
+
+
+def missing_image_error(csv_path: str, line: int, image: str) -> MissingImageError:
+    """The error for a missing image of ``csv_path`` line ``line``: for a relative path, where it
+    was looked for (the current directory) and, when it exists beside the CSV, that it does."""
+    message = f"{csv_path} line {line}: image {image!r} not found"
+    if not os.path.isabs(image):
+        message += (f" (relative paths are read from the current directory, {os.getcwd()}, as OpenCLIP's "
+                    "trainer reads them")
+        folder = os.path.dirname(os.path.abspath(csv_path))
+        if os.path.isfile(os.path.join(folder, image)):
+            message += f"; it exists beside the CSV, in {folder}: run from that folder or write absolute paths"
+        message += ")"
+    return MissingImageError(message)
+
+
+def resolve_image(image: str, csv_path: str, line: int) -> str:
+    """The image file a CSV row names, by the one rule of this package: the path as written, a
+    relative one read from the current directory (as OpenCLIP's ``CsvDataset`` opens it).
+
+    Raises:
+        MissingImageError: no such file (see :func:`missing_image_error`).
+    """
+    if not os.path.isfile(image):
+        raise missing_image_error(csv_path, line, image)
+    return image
+
+
+def open_image(image) -> Image.Image:
+    """An RGB PIL image from a path or from encoded bytes (a shard member)."""
+    return Image.open(io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image).convert("RGB")
+
+
+# -- CSV ------------------------------------------------------------------------------------------
+def _sniff_separator(header: str) -> Optional[str]:
+    counts = {sep: header.count(sep) for sep in ("\t", ",", ";", "|")}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else None
+
+
+def read_csv_rows(path: str, columns: Mapping[str, str], sep: str = "\t",
+                  limit: Optional[int] = None) -> List[Tuple[int, Dict[str, str]]]:
+    """(line number, row) for the rows of a CSV, at most ``limit`` of them.
+
+    Args:
+        columns: each column the caller needs -> the flag that names it (for the error message).
+    Raises:
+        FileNotFoundError: no such file. ValueError: it cannot be read as text, a column is
+            missing (naming the separator, the columns found, and the separator the header seems
+            to use), a row lacks a needed value, or it holds a header and no rows.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        with open(path, newline="") as f:
+            header = f.readline().rstrip("\r\n")
+            f.seek(0)
+            reader = csv.DictReader(f, delimiter=sep)
+            found = reader.fieldnames or []
+            missing = [c for c in columns if c not in found]
+            if missing:
+                seen = _sniff_separator(header)
+                hint = ""
+                if seen is not None and seen != sep:
+                    looks = "tab" if seen == "\t" else repr(seen)
+                    hint = f"; the file looks {looks}-separated: pass --csv-separator {seen!r}"
+                flags = " / ".join(dict.fromkeys(columns.values()))
+                raise ValueError(f"{path}: no column {missing[0]!r} with separator {sep!r} (columns found: {found})"
+                                 f"{hint}; or set {flags}")
+            rows = []
+            for index, row in enumerate(reader):
+                if limit is not None and index >= limit:
+                    break
+                line = index + 2  # line 1 is the header
+                empty = [c for c in columns if row.get(c) is None]
+                if empty:
+                    raise ValueError(f"{path} line {line}: no value for column {empty[0]!r} (fewer fields than the "
+                                     "header)")
+                rows.append((line, row))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read as text ({e})") from None
+    if not rows:
+        raise ValueError(f"{path}: the CSV holds a header and no rows")
+    return rows
+
+
+def _label(text: Union[str, bytes], where: str) -> int:
+    try:
+        return int(text.decode() if isinstance(text, bytes) else text)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{where}: label {text[:20]!r} is not an integer") from None
+
+
+# -- webdataset shards ----------------------------------------------------------------------------
+def shard_patterns(source: str) -> List[str]:
+    """The paths or globs one shard source names (its brace pattern expanded, in order)."""
+    import braceexpand
+    return list(braceexpand.braceexpand(source))
+
+
+def shard_files(spec: str) -> List[str]:
+    """The local files a shard spec names: ``::``-separated sources, each a path, a glob or a
+    brace pattern, in order (each glob sorted)."""
+    return [path for source in spec.split("::") for pattern in shard_patterns(source)
+            for path in sorted(glob.glob(pattern))]
+
+
+def read_shard_samples(spec: str, extensions: Collection[str]) -> Dict[str, Dict[str, bytes]]:
+    """The samples of webdataset shards, ``{"SHARD:KEY": {extension: bytes}}`` in shard order,
+    holding the members whose extension is in ``extensions`` (see the module docstring for how
+    members group into samples). A sample with none of them is left out.
+
+    Raises:
+        FileNotFoundError: no file matches ``spec``. ValueError: a file is not a readable tar.
+    """
+    files = shard_files(spec)
+    if not files:
+        raise FileNotFoundError(f"{spec}: no file matches it ({SHARD_HELP})")
+    samples: Dict[str, Dict[str, bytes]] = {}
+    for path in files:
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    named = _MEMBER_NAME.match(member.name) if member.isfile() else None
+                    if named is None:
+                        continue
+                    key, extension = named.group(1), named.group(2).lower()
+                    if extension in extensions:
+                        samples.setdefault(f"{path}:{key}", {})[extension] = tar.extractfile(member).read()
+        except tarfile.TarError as e:
+            raise ValueError(f"{path} is not a readable tar shard: {e}") from None
+    return samples
+
+
+def _shard_image(sample: Dict[str, bytes]) -> Optional[bytes]:
+    return next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+
+
+def _is_csv(source: str) -> bool:
+    return source.endswith(CSV_SUFFIXES)
+
+
+# -- image-caption pairs --------------------------------------------------------------------------
+def load_pairs(data: str, img_key: str = "filepath", caption_key: str = "title", label_key: str = "label",
+               sep: str = "\t", image_id_key: Optional[str] = None, limit: Optional[int] = None) -> List[dict]:
+    """Image-caption pairs from a CSV file or webdataset shards (the first ``limit`` of them).
+
+    Each pair is a dict with ``image`` (a path, checked by :func:`resolve_image`, or the encoded
+    bytes), ``caption``, ``label`` (int, or None where the row has none) and ``image_id`` (str),
+    the image's identity that groups the captions of one image: the ``image_id_key`` column (CSV)
+    or member extension (shards, e.g. ``KEY.imgid``) when given, else the image path as written in
+    the CSV, else the SHA-1 of the image bytes in shards. Shard samples without an image or a
+    caption are left out, as OpenCLIP's trainer leaves them out.
+    """
+    if _is_csv(data):
+        columns = {img_key: "--csv-img-key", caption_key: "--csv-caption-key"}
+        if image_id_key is not None:
+            columns[image_id_key] = "--image-id-key"
+        pairs = []
+        for line, row in read_csv_rows(data, columns, sep, limit):
+            label = row.get(label_key)
+            pairs.append({"image": resolve_image(row[img_key], data, line), "caption": row[caption_key],
+                          "label": _label(label, f"{data} line {line}") if label not in (None, "") else None,
+                          "image_id": row[image_id_key] if image_id_key is not None
+                          else os.path.normpath(row[img_key])})
+        return pairs
+    extensions = IMAGE_EXTENSIONS + ("txt", "cls") + ((image_id_key,) if image_id_key else ())
+    pairs = []
+    for key, sample in read_shard_samples(data, extensions).items():
+        image = _shard_image(sample)
+        if image is None or "txt" not in sample:
+            continue
+        if image_id_key is not None and image_id_key not in sample:
+            raise ValueError(f"{key}: no .{image_id_key} member for --image-id-key {image_id_key!r}")
+        pairs.append({"image": image, "caption": sample["txt"].decode(),
+                      "label": _label(sample["cls"], f"sample {key} .cls") if "cls" in sample else None,
+                      "image_id": sample[image_id_key].decode().strip() if image_id_key is not None
+                      else hashlib.sha1(image).hexdigest()})
+    if not pairs:
+        raise ValueError(f"{data}: the shards hold no sample with both an image ({'/'.join(IMAGE_EXTENSIONS)}) "
+                         "and a txt caption")
+    return pairs[:limit]
+
+
+def group_by_image(pairs: Sequence[dict]) -> Tuple[List[int], torch.Tensor]:
+    """Groups pairs by ``image_id`` (pairs without one are their own image).
+
+    Returns:
+        first_rows: for each unique image g (in order of first appearance), the index of its
+            first pair; caption_image: (T,) long, the unique image g of each pair t.
+    """
+    index: Dict[str, int] = {}
+    first_rows, caption_image = [], []
+    for t, pair in enumerate(pairs):
+        key = pair.get("image_id")
+        key = f"row:{t}" if key is None else f"id:{key}"
+        if key not in index:
+            index[key] = len(first_rows)
+            first_rows.append(t)
+        caption_image.append(index[key])
+    return first_rows, torch.tensor(caption_image, dtype=torch.long)
+
+
+# -- labelled sets --------------------------------------------------------------------------------
+@dataclass
+class LabelledSet:
+    """Images (paths or encoded bytes) with integer labels in [0, num_classes)."""
+    name: str
+    source: str
+    images: List[Union[str, bytes]]
+    labels: torch.Tensor  # (N,) int64
+
+
+def _labelled_from_csv(path: str, img_key: str, label_key: str, sep: str, column_flags: Tuple[str, str]):
+    images, labels = [], []
+    for line, row in read_csv_rows(path, {img_key: column_flags[0], label_key: column_flags[1]}, sep):
+        images.append(resolve_image(row[img_key], path, line))
+        labels.append(_label(row[label_key], f"{path} line {line}"))
+    return images, labels
+
+
+def _labelled_from_shards(spec: str):
+    images, labels = [], []
+    for key, sample in read_shard_samples(spec, IMAGE_EXTENSIONS + ("cls",)).items():
+        image = _shard_image(sample)
+        if image is None or "cls" not in sample:
+            raise ValueError(f"sample {key} lacks an image ({'/'.join(IMAGE_EXTENSIONS)}) or a .cls label")
+        images.append(image)
+        labels.append(_label(sample["cls"], f"sample {key} .cls"))
+    return images, labels
+
+
+def load_labelled_set(name: str, source: str, num_classes: int, img_key: str = "filepath",
+                      label_key: str = "label", sep: str = "\t",
+                      column_flags: Tuple[str, str] = ("--csv-img-key", "--zeroshot-label-key")) -> LabelledSet:
+    """Reads and checks a labelled set: a CSV (an image column and an integer label column) or
+    webdataset shards (an image and a ``cls`` member per sample).
+
+    Raises:
+        ValueError: ``zero-shot set 'NAME': `` and the problem: a missing file or image, a
+            missing column, a sample without an image or label, a label that is not an integer
+            or lies outside ``0..num_classes - 1``, or no sample at all.
+    """
+    try:
+        if _is_csv(source):
+            images, labels = _labelled_from_csv(source, img_key, label_key, sep, column_flags)
+        else:
+            images, labels = _labelled_from_shards(source)
+        if not images:
+            raise ValueError(f"{source}: holds no sample")
+        labels_t = torch.tensor(labels, dtype=torch.int64)
+        low, high = int(labels_t.min()), int(labels_t.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"{source}: labels range over {low}..{high}, but the class list has {num_classes} "
+                             f"names (labels must lie in 0..{num_classes - 1})")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"zero-shot set {name!r}: {e}") from None
+    return LabelledSet(name, source, images, labels_t)
+
+
+def _items(text: str, separator: str) -> List[str]:
+    """Non-empty stripped lines of a file, or the parts of ``text`` split at ``separator``."""
+    if os.path.isfile(text):
+        with open(text) as f:
+            return [line.strip() for line in f if line.strip()]
+    return [part.strip() for part in text.split(separator) if part.strip()]
+
+
+def parse_class_names(text: str) -> List[str]:
+    """Class names from a file (one per line) or a comma-separated list."""
+    names = _items(text, ",")
+    if not names:
+        raise ValueError(f"no class names in {text!r} (give a file with one name per line, or a comma list)")
+    return names
+
+
+def parse_templates(text: str) -> List[str]:
+    """Prompt templates from a file (one per line) or a ``;``-separated list; each needs ``{c}``."""
+    templates = _items(text, ";")
+    if not templates:
+        raise ValueError(f"no templates in {text!r}")
+    missing = [t for t in templates if "{c}" not in t]
+    if missing:
+        raise ValueError(f"every zero-shot template needs {{c}} for the class name; {missing} lack it "
+                         "(e.g. 'a photo of the number {c}')")
+    return templates
