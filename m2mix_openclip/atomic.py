@@ -14,12 +14,22 @@ from typing import IO, Callable
 __all__ = ["write_atomically", "write_json"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Calls ``write(f)`` on a binary temporary file in ``path``'s folder, then moves it to
-    ``path`` in one step; on any error the temporary file is removed and the error raised."""
+    ``path`` in one step; on any error the temporary file is removed and the error raised.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give it (0666 less the umask;
+    ``mkstemp`` alone would leave it readable by its owner only)."""
     folder = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(handle, 0o666 & ~_umask())
         with os.fdopen(handle, "wb") as f:
             write(f)
             f.flush()

@@ -42,12 +42,14 @@ def finish_run(out: str, json_name: str, table: Dict[str, Dict[str, float]],
         started: ``time.time()`` at the start of the run, for the closing "took N s".
     """
     os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, json_name)
+    if os.path.exists(path):  # an earlier run's JSON beside this run's figures would claim them complete
+        os.unlink(path)
     figures = {name: os.path.join(out, file) for name, file in FIGURES.items()}
     plot_sphere_projection(features, figures["sphere"])
     plot_cosine_histograms(features, figures["cosines"])
     plot_metric_bars(table, figure_keys, figures["metrics"], title=figure_title)
     result = {"models": table, **(fields or {}), "figures": figures}
-    path = os.path.join(out, json_name)
     write_json(path, result)
     for line in heading:
         print(line)

@@ -28,6 +28,19 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_nothing_else(tmp_path):
     assert os.listdir(tmp_path) == ["results.json"]
 
 
+def test_an_atomic_file_gets_the_permissions_of_a_plain_write(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        write_json(str(tmp_path / "atomic.json"), {})
+        with open(tmp_path / "plain.json", "w") as f:
+            f.write("{}")
+    finally:
+        os.umask(mask)
+    mode = {name: oct(os.stat(tmp_path / name).st_mode & 0o777) for name in ("atomic.json", "plain.json")}
+    assert mode["atomic.json"] == mode["plain.json"]
+    assert os.stat(tmp_path / "atomic.json").st_mode & 0o044  # readable by group and others, as a result should be
+
+
 def features(seed):
     g = torch.Generator().manual_seed(seed)
     x = F.normalize(torch.randn(12, 8, generator=g), dim=1)
@@ -51,8 +64,13 @@ def test_finish_run_writes_figures_then_the_json_and_prints_the_table(tmp_path, 
                           f"results: {tmp_path / 'analysis.json'}\nfigures: {figures}\ntook ")
 
 
-def test_a_run_whose_figures_fail_writes_no_json(tmp_path, monkeypatch):
+@pytest.mark.parametrize("earlier_run", [False, True])
+def test_a_run_whose_figures_fail_writes_no_json(tmp_path, monkeypatch, earlier_run):
+    """Nor leaves an earlier run's JSON beside its own half-written figures."""
     from m2mix_openclip import results
+    if earlier_run:
+        finish_run(str(tmp_path), "results.json", {"base": {"alignment": 0.6}}, {"base": features(1)},
+                   ["alignment"], "earlier")
 
     def full_disk(*args, **kwargs):
         raise OSError("No space left on device")
@@ -62,4 +80,5 @@ def test_a_run_whose_figures_fail_writes_no_json(tmp_path, monkeypatch):
         finish_run(str(tmp_path), "results.json", {"base": {"alignment": 0.7}}, {"base": features(0)},
                    ["alignment"], "one model")
     assert not (tmp_path / "results.json").exists()
-    assert sorted(os.listdir(tmp_path)) == sorted([FIGURES["sphere"], FIGURES["cosines"]])
+    left = [FIGURES["sphere"], FIGURES["cosines"]] + ([FIGURES["metrics"]] if earlier_run else [])
+    assert sorted(os.listdir(tmp_path)) == sorted(left)
