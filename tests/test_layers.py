@@ -142,3 +142,43 @@ def test_moved_names_are_still_importable_where_users_found_them():
         for name, home in names.items():
             assert getattr(module, name) is getattr(home, name), f"{module.__name__}.{name}"
             assert name in module.__all__
+
+
+# The package's floors, as docs/contributing.md states them: the maths, then evaluation, then the
+# integration with OpenCLIP's trainer, then the tools. Leaves import nothing of the package and
+# any floor may use them: the version adapter (every OpenCLIP difference), the protocol module
+# (which patches carry verbatim), quiet logging, atomic files.
+LEAVES = {"integration.openclip_compat", "integration.plugins", "integration.quiet", "atomic"}
+MATHS = ("mixup", "losses", "metrics", "retrieval")
+TOOLS = ("analyze", "demo", "data", "train", "results", "plots", "report", "wiseft", "export")
+
+
+def _short(name):
+    return name[len(PACKAGE) + 1:]
+
+
+def _in(short, prefixes):
+    return any(short == p or short.startswith(p + ".") for p in prefixes)
+
+
+def test_leaves_import_nothing_of_the_package():
+    graph = import_graph()
+    for leaf in LEAVES:
+        assert graph[f"{PACKAGE}.{leaf}"] == set(), leaf
+
+
+def test_the_maths_imports_only_the_maths_and_the_leaves():
+    graph = import_graph()
+    for name, targets in graph.items():
+        if _in(_short(name), MATHS):
+            wrong = sorted(t for t in map(_short, targets) if not (_in(t, MATHS) or t in LEAVES))
+            assert wrong == [], f"{_short(name)} imports {wrong}"
+
+
+def test_nothing_below_the_tools_imports_a_tool():
+    graph = import_graph()
+    for name, targets in graph.items():
+        short = _short(name)
+        if short and not _in(short, TOOLS):
+            wrong = sorted(t for t in map(_short, targets) if _in(t, TOOLS))
+            assert wrong == [], f"{short} imports the tool module(s) {wrong}"
