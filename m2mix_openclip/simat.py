@@ -28,8 +28,9 @@ Scales: :data:`DEFAULT_SCALES` is the m²-Mix reference implementation's list, 0
 and 7 (13 scales; changdaeoh/multimodal-mixup, ``SIMAT_eval`` in ``main.py``, which logs the best
 as ``max_simat``), so that ``simat_dev`` is comparable with the m²-Mix paper's SIMAT figures. The
 benchmark's own ``eval.py`` (facebookresearch/SIMAT) scores the scales given as ``--lbds``, 1 alone
-by default (its README runs ``--lbd 1 2``); ``--simat-scales 1`` gives that figure, reported as
-``simat_dev@1`` beside the best whatever the list.
+by default (its README runs ``--lbd 1 2``); ``--simat-scales 1`` gives that figure. Every scale
+tried is reported as ``simat_dev@S`` beside the best, so the default list (which holds 1) shows
+``simat_dev@1`` too.
 
 A task (floor 2; layers: see :mod:`m2mix_openclip.datasets`): it reads the benchmark's own files
 (:func:`load_simat`), embeds with :mod:`m2mix_openclip.encode` and scores with
