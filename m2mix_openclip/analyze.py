@@ -92,18 +92,22 @@ def analyze(args) -> dict:
     templates = _templates(args.templates) if args.templates is not None else None
     source, heading = {}, []
     if is_clip_benchmark_root(args.data):
+        if args.image_id_key is not None:
+            raise ValueError("--image-id-key does not apply to a CLIP_benchmark folder: its samples are its images "
+                             "(a retrieval sample's captions are the lines of its .txt)")
         folder = clip_benchmark_set(args.data, args.split)
         source = {"layout": "clip_benchmark", "task": folder.task, "split": folder.split,
                   "class_names": "flag" if class_names is not None else (
                       "classnames.txt" if folder.class_names is not None else None),
                   "templates": "flag" if templates is not None else (
-                      "zeroshot_classification_templates.txt" if folder.templates else None)}
+                      "zeroshot_classification_templates.txt" if folder.templates else "default")}
         if folder.task == "classification":
             class_names = class_names if class_names is not None else folder.class_names
-            templates = templates if templates is not None else folder.templates
+            templates = templates if templates is not None else (folder.templates or list(DEFAULT_TEMPLATES))
         pairs = load_clip_benchmark_pairs(folder, class_names, templates, limit=args.limit or None)
-        heading.append(f"CLIP_benchmark {folder.task} set {args.data} (split {folder.split}); class names from "
-                       f"{source['class_names']}, templates from {source['templates']}")
+        heading.append(f"CLIP_benchmark {folder.task} set {args.data} (split {folder.split}): " + (
+            "captions from each image's .txt" if folder.task == "retrieval" else
+            f"class names from {source['class_names']}, templates from {source['templates']}"))
     else:
         pairs = load_pairs(args.data, args.csv_img_key, args.csv_caption_key, args.label_key, args.csv_separator,
                            image_id_key=args.image_id_key, limit=args.limit or None)

@@ -66,6 +66,8 @@ def load_zero_shot_set(name: str, source: str, class_names: Optional[Sequence[st
             folder = clip_benchmark_set(source, split)
         except (OSError, ValueError) as e:
             raise ValueError(f"zero-shot set {name!r}: {e}") from None
+    if folder is not None and folder.task != "classification":
+        load_labelled_set(name, source, 1, split=split)  # raises: a retrieval set has no labels
     names = list(class_names) if class_names is not None else (folder.class_names if folder else None)
     if names is None:
         where = f"{source} has no classnames.txt" if folder else f"{source} is not a CLIP_benchmark folder"
