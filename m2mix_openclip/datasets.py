@@ -14,7 +14,8 @@ Evaluation in layers (each module imports only from the floors below it; ``tests
     1 inputs   datasets.py (reading), models.py (loading), encode.py (embedding)
     0 maths    metrics.py (geometry, calibration, zero-shot scores), retrieval.py (ranks)
 
-The figures, the table and atomic files (plots.py, report.py, atomic.py) serve the tools only.
+The figures, the table and atomic files (plots.py, report.py, atomic.py) serve the tools only;
+progress.py (a bar on a terminal, plain lines elsewhere) serves encode.py and the tools.
 
 Conventions, the same as OpenCLIP's trainer uses for the same files:
 

@@ -14,7 +14,9 @@ array's one element: every other line of its code path runs as published.
 
 import builtins
 import itertools
+import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -223,3 +225,62 @@ def test_zero_shot_ties_equal_clip_benchmark_over_every_order(numpy_scalar_conve
     assert ours["top5"] == pytest.approx(totals[5] / len(orders), abs=1e-9)
     assert ours["top1"] != pytest.approx(theirs["acc1"])  # one order differs from the expectation here
     assert math.isfinite(theirs["mean_per_class_recall"])
+
+
+@pytest.mark.slow
+def test_clip_benchmark_eval_of_an_export_on_our_folders(tmp_path, monkeypatch, numpy_scalar_conversion):
+    """What a user runs: m2mix-data --layout clip_benchmark, m2mix-export, then ``clip_benchmark eval``
+    (in-process, to register a named architecture) with local-dir: and with a named architecture
+    and ``--pretrained epoch_N.pt``; its figures equal m2mix-analyze's on the same folders."""
+    cli = pytest.importorskip("clip_benchmark.cli", reason="clip_benchmark's CLI also needs pycocoevalcap and requests")
+    import open_clip
+
+    from m2mix_openclip.analyze import main as analyze
+    from m2mix_openclip.data import write_clip_benchmark_layout
+    from m2mix_openclip.demo import write_local_model
+    from m2mix_openclip.export import export_model
+    from m2mix_openclip.integration import openclip_compat
+    if not openclip_compat.native_local_dir():
+        pytest.skip("local-dir: models arrived in OpenCLIP 3.0")
+    folders = write_clip_benchmark_layout(str(tmp_path / "data"), splits=("test",), limit=60, shard_size=25,
+                                          shifts=())
+    name = write_local_model(str(tmp_path / "model"))
+    torch.manual_seed(5)
+    model = open_clip.create_model(name)
+    checkpoint = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
+    export_model(name, str(tmp_path / "exported"), checkpoint=str(checkpoint))
+    # a named architecture, registered in-process (as a config in OpenCLIP's model_configs would be)
+    config = json.loads((tmp_path / "model" / "open_clip_config.json").read_text())["model_cfg"]
+    (tmp_path / "m2mix-test-tiny.json").write_text(json.dumps(config))
+    open_clip.add_model_config(str(tmp_path / "m2mix-test-tiny.json"))
+
+    def clip_benchmark(*args):
+        output = tmp_path / f"cb-{len(list(tmp_path.glob('cb-*')))}.json"
+        monkeypatch.setattr(sys, "argv", ["clip_benchmark", "eval", *args, "--no_amp", "--num_workers", "0",
+                                          "--batch_size", "16", "--quiet", "--output", str(output)])
+        cli.main()
+        return json.loads(output.read_text())["metrics"]
+
+    def ours(data):
+        out = tmp_path / f"ours-{len(list(tmp_path.glob('ours-*')))}"
+        assert analyze(["--model", f"local-dir:{tmp_path / 'exported'}", "--data", data, "--out", str(out),
+                        "--device", "cpu"]) == 0
+        return json.loads((out / "analysis.json").read_text())["models"]["exported"]
+
+    digits, captions = folders["digits"]["root"], folders["digits_captions"]["root"]
+    local = clip_benchmark("--model", f"local-dir:{tmp_path / 'exported'}", "--dataset", "wds/digits",
+                           "--dataset_root", digits)
+    named = clip_benchmark("--model", "m2mix-test-tiny", "--pretrained", str(checkpoint), "--dataset", "wds/digits",
+                           "--dataset_root", digits)
+    assert local == named  # the export and OpenCLIP's training checkpoint are the same model to it
+    assert ours(digits)["zero_shot_accuracy"] == pytest.approx(local["acc1"], abs=1e-7)
+    retrieval_figures = clip_benchmark("--model", f"local-dir:{tmp_path / 'exported'}", "--dataset",
+                                       "wds/digits_captions", "--task", "zeroshot_retrieval", "--recall_k", "1", "5",
+                                       "--dataset_root", captions)
+    row = ours(captions)
+    for k in (1, 5):
+        # images do not repeat here: text->image has no ties and must agree exactly; the captions
+        # repeat (the same text for several scans), where its image->text follows topk's order
+        assert row[f"text_to_image_R@{k}"] == pytest.approx(retrieval_figures[f"image_retrieval_recall@{k}"],
+                                                             abs=1e-7)
