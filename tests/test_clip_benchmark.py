@@ -29,7 +29,7 @@ from m2mix_openclip.retrieval import grouped_retrieval
 
 retrieval = pytest.importorskip(
     "clip_benchmark.metrics.zeroshot_retrieval",
-    reason="clip-benchmark is not installed (CI installs it: pip install --no-deps clip-benchmark==1.6.2)")
+    reason="clip-benchmark is not installed (as .ci/run: pip install --no-deps clip-benchmark==1.6.2)")
 classification = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
 
 
@@ -232,7 +232,8 @@ def test_clip_benchmark_eval_of_an_export_on_our_folders(tmp_path, monkeypatch, 
     """What a user runs: m2mix-data --layout clip_benchmark, m2mix-export, then ``clip_benchmark eval``
     (in-process, to register a named architecture) with local-dir: and with a named architecture
     and ``--pretrained epoch_N.pt``; its figures equal m2mix-analyze's on the same folders."""
-    cli = pytest.importorskip("clip_benchmark.cli", reason="clip_benchmark's CLI also needs pycocoevalcap and requests")
+    cli = pytest.importorskip("clip_benchmark.cli", reason="clip_benchmark's command line also needs requests and "
+                              "pycocoevalcap (as .ci/run: pip install requests pycocoevalcap)")
     import open_clip
 
     from m2mix_openclip.analyze import main as analyze
