@@ -3,8 +3,8 @@
 Written to a file or a pipe (a log, CI, ``2> run.log``), tqdm's bars become carriage returns, and
 nested bars the cursor-up sequence ``ESC [A`` in the middle of the text. Where the stream is not a
 terminal, :func:`progress` gives :class:`PlainProgress` instead: one whole line when the work
-starts a new stage and at every quarter of it, such as
-``m2mix-demo: 1/5 stages (20%) pre-training (standard CLIP loss)``.
+starts a new stage (``m2mix-demo: 1/5 stages (20%) pre-training (standard CLIP loss)``), or at
+every quarter of a count (``pretrained: test: images: 256/449 images (57%)``), and when it is done.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ __all__ = ["progress", "PlainProgress"]
 
 class PlainProgress:
     """tqdm's ``update`` / ``set_postfix_str`` / ``close`` as whole lines: a line when the postfix
-    (the stage) changes and when the count passes a multiple of ``step`` of the total."""
+    (the stage) changes and when the work is done; without a postfix, also when the count passes a
+    multiple of ``step`` of the total."""
 
     def __init__(self, total: int, desc: str, unit: str = "it", stream: Optional[IO[str]] = None,
                  step: float = 0.25):
@@ -37,7 +38,8 @@ class PlainProgress:
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        if self._quarter() > self._printed:
+        done = self.total and self.n >= self.total
+        if (done or not self.postfix) and self._quarter() > self._printed:
             self._line()
 
     def set_postfix_str(self, text: str) -> None:

@@ -24,9 +24,8 @@ def test_plain_lines_when_the_output_is_not_a_terminal():
         stages.set_postfix_str("second")
         stages.update(5)
     assert stream.getvalue().splitlines() == [
-        "outer: 0/8 stages (0%) first",
-        "outer: 2/8 stages (25%) first",
-        "inner: images: 60/100 images (60%)",
+        "outer: 0/8 stages (0%) first",  # stages: a line as each one starts, and at the end
+        "inner: images: 60/100 images (60%)",  # a count: a line at each quarter passed
         "inner: images: 100/100 images (100%)",
         "outer: 3/8 stages (37%) second",
         "outer: 8/8 stages (100%) second",
