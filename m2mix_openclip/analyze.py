@@ -143,6 +143,7 @@ def analyze(args) -> dict:
                 "num_images": num_images, **({"class_names": class_names, "templates": templates}
                                              if class_names is not None else {}),
                 "retrieval_protocol": "grouped by image: i2t hit if any of the image's captions is within K; "
+                                      "exact ties counted at their expected value under a random order; "
                                       "geometry and label precision per pair",
                 "checkpoints": dict(zip(names, checkpoints)), "model": args.model},
         heading=heading + [f"{len(pairs)} captions of {num_images} images"], started=started)

@@ -63,8 +63,8 @@ def _ranks_in_blocks(queries, candidates, positive_index, positive_valid, logit_
     (Q, P) bool which of those slots are real (rows with fewer positives are padded); their scores
     are read from the same block of scores, so a positive ties with itself and its copies exactly.
     Rows go in blocks of ``chunk_size`` queries (default: about 2**22 scores, 16 MiB), so memory
-    is O(chunk x C) (two float32 blocks and a bool one, reused) plus a (D, C) copy of the
-    candidates: no Q x C matrix, no sort.
+    is O(chunk x C) (two float32 blocks, reused) plus a (D, C) copy of the candidates: no Q x C
+    matrix, no sort.
     """
     num_candidates = candidates.shape[0]
     rows = max(1, chunk_size if chunk_size is not None else (1 << 22) // max(1, num_candidates))
@@ -73,8 +73,7 @@ def _ranks_in_blocks(queries, candidates, positive_index, positive_valid, logit_
     # buffers reused by every block: no allocation that grows with C inside the loop (fresh
     # per-block tensors let the C allocator's heap grow block after block)
     buffer = torch.empty(min(rows, queries.shape[0]), num_candidates)
-    flags = torch.empty_like(buffer, dtype=torch.bool)
-    counts = torch.empty_like(buffer)
+    indicator = torch.empty_like(buffer)  # 0/1 as float32, summed in place of a fresh (b, C) copy
     parts = {name: [] for name in ("above", "tied", "tied_positives", "top1_positive", "confidence", "top1_label")}
     for start in range(0, queries.shape[0], rows):
         block = queries[start:start + rows].float()
@@ -84,14 +83,20 @@ def _ranks_in_blocks(queries, candidates, positive_index, positive_valid, logit_
         valid = positive_valid[start:start + rows]
         best = positive_scores.masked_fill(~valid, -float("inf")).amax(1, keepdim=True)  # (b, 1)
         # counts as float32 sums of 0/1: exact up to 2**24 candidates
-        above = torch.gt(scores, best, out=flags[:b]).to(counts.dtype).sum(1)
-        tied = torch.eq(scores, best, out=flags[:b]).to(counts.dtype).sum(1)
+        above = torch.gt(scores, best, out=indicator[:b]).sum(1)
+        tied = torch.eq(scores, best, out=indicator[:b]).sum(1)
         tied_positives = ((positive_scores == best) & valid).sum(1)
-        top_score = scores.max(1, keepdim=True).values
+        top_score, top = scores.max(1, keepdim=True)
         if query_labels is not None:
-            at_top = torch.eq(scores, top_score, out=flags[:b])
-            same_label = candidate_labels[None, :] == query_labels[start:start + rows, None]  # (b, C) bool
-            parts["top1_label"].append((at_top & same_label).sum(1).double() / at_top.sum(1).double())
+            labels_here = query_labels[start:start + rows]
+            share = (candidate_labels[top[:, 0]] == labels_here).double()
+            top_count = torch.eq(scores, top_score, out=indicator[:b]).sum(1)
+            tied_rows = (top_count > 1).nonzero()[:, 0]  # ties at the top: the share of them with the label
+            if len(tied_rows):
+                at_top = scores[tied_rows] == top_score[tied_rows]
+                same = at_top & (candidate_labels[None, :] == labels_here[tied_rows, None])
+                share[tied_rows] = same.sum(1).double() / top_count[tied_rows].double()
+            parts["top1_label"].append(share)
         parts["above"].append(above.long())
         parts["tied"].append(tied.long())
         parts["tied_positives"].append(tied_positives)
