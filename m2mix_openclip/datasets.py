@@ -8,8 +8,8 @@ read as CLIP_benchmark's webdataset layout (:func:`clip_benchmark_set`).
 
 Evaluation in layers (each module imports only from the floors below it; ``tests/test_layers.py``):
 
-    3 tools    analyze.py, demo.py, results.py (how a tool ends a run), integration/zeroshot_hook.py,
-               integration/metrics.py
+    3 tools    analyze.py, demo.py, export.py, results.py (how a tool ends a run),
+               integration/zeroshot_hook.py, integration/metrics.py
     2 tasks    evaluation.py (a table row from features), zeroshot.py (labelled sets), simat.py
     1 inputs   datasets.py (reading), models.py (loading), encode.py (embedding)
     0 maths    metrics.py (geometry, calibration, zero-shot scores), retrieval.py (ranks)
