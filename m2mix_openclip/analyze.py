@@ -5,6 +5,11 @@ checkpoint on any CSV or webdataset image-caption data.
     m2mix-analyze --model local-dir:DIR --checkpoint a.pt --compare b.pt c.pt --labels base clip m2mix \\
         --data 'shards-{000000..000003}.tar' --class-names zero,one,two,... --templates 'a photo of a {c}' \\
         --out report/
+    m2mix-analyze --model ViT-B-32 --checkpoint epoch_10.pt --data wds_imagenet1k/ --out report/
+
+A folder is read as CLIP_benchmark's webdataset layout (ROOT/test/*.tar, --split for another), with
+its own classnames.txt and zeroshot_classification_templates.txt unless --class-names / --templates
+are given; a retrieval folder (dataset_type.txt) with several captions per image in each .txt.
 
 Retrieval groups the captions of one image (same CSV path, same shard bytes, or --image-id-key):
 image-to-text R@K counts any of the image's captions, and each image is embedded once.
@@ -24,12 +29,19 @@ from typing import List, Sequence
 
 import torch
 
-from .datasets import load_pairs, parse_class_names
+from .datasets import (
+    clip_benchmark_set,
+    is_clip_benchmark_root,
+    load_clip_benchmark_pairs,
+    load_pairs,
+    parse_class_names,
+)
 from .encode import class_text_features, encode_grouped
 from .evaluation import evaluate_features
 from .models import load_model
 from .results import finish_run
 from .simat import DEFAULT_SCALES, load_simat, simat_evaluate
+from .zeroshot import DEFAULT_TEMPLATES
 
 
 def short_unique_names(paths: Sequence[str]) -> List[str]:
@@ -76,12 +88,33 @@ def analyze(args) -> dict:
     started = time.time()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     names = model_labels(args)
-    pairs = load_pairs(args.data, args.csv_img_key, args.csv_caption_key, args.label_key, args.csv_separator,
-                       image_id_key=args.image_id_key, limit=args.limit or None)
+    class_names = parse_class_names(args.class_names) if args.class_names is not None else None
+    templates = _templates(args.templates) if args.templates is not None else None
+    source, heading = {}, []
+    if is_clip_benchmark_root(args.data):
+        if args.image_id_key is not None:
+            raise ValueError("--image-id-key does not apply to a CLIP_benchmark folder: its samples are its images "
+                             "(a retrieval sample's captions are the lines of its .txt)")
+        folder = clip_benchmark_set(args.data, args.split)
+        source = {"layout": "clip_benchmark", "task": folder.task, "split": folder.split,
+                  "class_names": "flag" if class_names is not None else (
+                      "classnames.txt" if folder.class_names is not None else None),
+                  "templates": "flag" if templates is not None else (
+                      "zeroshot_classification_templates.txt" if folder.templates else "default")}
+        if folder.task == "classification":
+            class_names = class_names if class_names is not None else folder.class_names
+            templates = templates if templates is not None else (folder.templates or list(DEFAULT_TEMPLATES))
+        pairs = load_clip_benchmark_pairs(folder, class_names, templates, limit=args.limit or None)
+        heading.append(f"CLIP_benchmark {folder.task} set {args.data} (split {folder.split}): " + (
+            "captions from each image's .txt" if folder.task == "retrieval" else
+            f"class names from {source['class_names']}, templates from {source['templates']}"))
+    else:
+        pairs = load_pairs(args.data, args.csv_img_key, args.csv_caption_key, args.label_key, args.csv_separator,
+                           image_id_key=args.image_id_key, limit=args.limit or None)
+    templates = templates or list(DEFAULT_TEMPLATES)
     labels = None
     if all(p.get("label") is not None for p in pairs):
         labels = torch.tensor([p["label"] for p in pairs])
-    class_names = parse_class_names(args.class_names) if args.class_names is not None else None
     if class_names is not None and labels is None:
         raise ValueError(f"--class-names needs a label for every sample (column {args.label_key!r} or .cls members)")
     if class_names is not None and int(labels.max()) >= len(class_names):
@@ -96,7 +129,7 @@ def analyze(args) -> dict:
         scale = model.logit_scale.exp().item()
         x, y, caption_image = encode_grouped(model, preprocess, tokenizer, pairs, args.batch_size, device, desc=name)
         num_images = x.shape[0]
-        classifier = (class_text_features(model, tokenizer, class_names, args.templates, device)
+        classifier = (class_text_features(model, tokenizer, class_names, templates, device)
                       if class_names is not None else None)
         table[name] = evaluate_features(x, y, labels, classifier, scale, caption_image=caption_image)
         if simat is not None:
@@ -106,11 +139,27 @@ def analyze(args) -> dict:
     return finish_run(
         args.out, "analysis.json", table, features, figure_keys(labels is not None, class_names is not None),
         figure_title=f"{args.data} ({len(pairs)} captions of {num_images} images)",
-        fields={"data": args.data, "num_pairs": len(pairs), "num_images": num_images,
+        fields={"data": args.data, **({"data_source": source} if source else {}), "num_pairs": len(pairs),
+                "num_images": num_images, **({"class_names": class_names, "templates": templates}
+                                             if class_names is not None else {}),
                 "retrieval_protocol": "grouped by image: i2t hit if any of the image's captions is within K; "
+                                      "exact ties counted at their expected value under a random order; "
                                       "geometry and label precision per pair",
                 "checkpoints": dict(zip(names, checkpoints)), "model": args.model},
-        heading=[f"{len(pairs)} captions of {num_images} images"], started=started)
+        heading=heading + [f"{len(pairs)} captions of {num_images} images"], started=started)
+
+
+def _templates(values: Sequence[str]) -> List[str]:
+    """--templates: the lines of the one file given, or the templates as given; each names the
+    class (``{c}`` or ``{name}``, or its index ``{digit}``)."""
+    if len(values) == 1 and os.path.isfile(values[0]):
+        with open(values[0], encoding="utf-8") as f:
+            values = [line.strip() for line in f if line.strip()]
+    unnamed = [v for v in values if not any(field in v for field in ("{c}", "{name}", "{digit}"))]
+    if not values or unnamed:
+        raise ValueError(f"every --templates template needs {{c}} for the class name; {unnamed or values} lack it "
+                         "(e.g. 'a photo of a {c}.'), or give one file with a template per line")
+    return list(values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", nargs="+", default=None, metavar="CKPT", help="More checkpoints, side by side.")
     parser.add_argument("--labels", nargs="+", default=None, metavar="NAME",
                         help="Column names for the models, in order (default: short unique checkpoint names).")
-    parser.add_argument("--data", required=True, help="CSV file or webdataset shards (brace pattern or glob).")
+    parser.add_argument("--data", required=True,
+                        help="CSV file, webdataset shards (brace pattern or glob), or a CLIP_benchmark webdataset "
+                             "folder (ROOT/SPLIT/*.tar with classnames.txt and "
+                             "zeroshot_classification_templates.txt, or dataset_type.txt for retrieval).")
+    parser.add_argument("--split", default="test", help="The split of a CLIP_benchmark folder (default: test).")
     parser.add_argument("--csv-img-key", default="filepath")
     parser.add_argument("--csv-caption-key", default="title")
     parser.add_argument("--csv-separator", default="\t")
@@ -130,9 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CSV column (or shard member extension) naming each row's image, to group its "
                              "captions (default: the image path in a CSV, the image bytes in shards).")
     parser.add_argument("--label-key", default="label", help="CSV column of integer class labels (optional).")
-    parser.add_argument("--class-names", default=None, help="Comma-separated names, or a file with one per line.")
-    parser.add_argument("--templates", nargs="+", default=["a photo of a {c}."],
-                        help="Zero-shot prompt templates; {c} is the class name.")
+    parser.add_argument("--class-names", default=None,
+                        help="Comma-separated names, or a file with one per line (default: a CLIP_benchmark "
+                             "folder's classnames.txt).")
+    parser.add_argument("--templates", nargs="+", default=None,
+                        help="Zero-shot prompt templates ({c} is the class name), or one file with a template per "
+                             "line (default: a CLIP_benchmark folder's zeroshot_classification_templates.txt, else "
+                             f"{DEFAULT_TEMPLATES[0]!r}).")
     parser.add_argument("--simat-db", default=None, metavar="DIR",
                         help="Also score SIMAT (embedding arithmetic) on the benchmark's simat_db folder.")
     parser.add_argument("--simat-domain", default="dev", choices=["dev", "test"], help="SIMAT split (default dev).")

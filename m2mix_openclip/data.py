@@ -5,6 +5,13 @@ from varied templates, so captions differ between samples of one class. Splits a
 deterministic: ``pretrain`` (50%), ``finetune`` (25%), ``test`` (25%), stratified by digit.
 
     m2mix-data --out DIR            # DIR/<split>.csv, DIR/<split>/*.png, DIR/shards/<split>-000000.tar ...
+    m2mix-data --out DIR --layout clip_benchmark   # DIR/digits/test/0.tar ..., as CLIP_benchmark's wds/ sets
+
+With ``--layout clip_benchmark`` every set is a CLIP_benchmark webdataset folder
+(``clip_benchmark eval --dataset wds/digits --dataset_root DIR/digits``, ``--zeroshot-data NAME=DIR/digits``,
+``m2mix-analyze --data DIR/digits``): ``digits`` (splits pretrain, finetune, test), ``digits_rotate``,
+``digits_blur``, ``digits_noise`` (test) with ``classnames.txt`` and
+``zeroshot_classification_templates.txt``, and ``digits_captions`` (test, a retrieval set).
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ CAPTION_TEMPLATES = [
     "number {name} in pen",
     "a low resolution {digit}",
 ]
-ZERO_SHOT_TEMPLATES = ["a handwritten digit {name}", "a scan of the number {digit}",
-                       "the digit {digit}, written by hand"]
+# {c} only (the class name), as CLIP_benchmark's template files take them: the demo, m2mix-analyze with
+# the written zeroshot_classification_templates.txt and clip_benchmark eval score the same prompts
+ZERO_SHOT_TEMPLATES = ["a handwritten digit {c}", "a scan of the number {c}", "the digit {c}, written by hand"]
 SPLITS = ("pretrain", "finetune", "test")
 SHIFTS = ("rotate", "blur", "noise")
 
@@ -83,7 +91,8 @@ def write_dataset(out_dir: str, splits: Sequence[str] = SPLITS, limit: Optional[
                   shard_size: int = 256, shifts: Sequence[str] = SHIFTS, size: int = 32) -> Dict[str, dict]:
     """Writes every split as CSV (tab-separated, ``filepath`` / ``title`` / ``label``) and as
     webdataset shards (``png``, ``txt``, ``cls``), plus shifted copies of the test split (labelled
-    sets for ``--zeroshot-data``), and ``classnames.txt`` (one class name per line).
+    sets for ``--zeroshot-data``), ``classnames.txt`` (one class name per line) and
+    ``zeroshot_classification_templates.txt`` (the zero-shot templates of the demo, one per line).
 
     Returns a manifest ``{split: {"csv", "shards", "num_samples", "num_shards"}}``, also written
     to ``out_dir/manifest.json``.
@@ -126,8 +135,85 @@ def write_dataset(out_dir: str, splits: Sequence[str] = SPLITS, limit: Optional[
         }
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
-    with open(os.path.join(out_dir, "classnames.txt"), "w") as f:  # for --zeroshot-classnames
+    _write_class_files(out_dir)  # for --zeroshot-classnames, --zeroshot-templates, m2mix-analyze
+    return manifest
+
+
+def _write_class_files(folder: str) -> None:
+    with open(os.path.join(folder, "classnames.txt"), "w") as f:
         f.write("\n".join(CLASS_NAMES) + "\n")
+    with open(os.path.join(folder, "zeroshot_classification_templates.txt"), "w") as f:
+        f.write("\n".join(ZERO_SHOT_TEMPLATES) + "\n")
+
+
+def _write_tar(path: str, members: Sequence) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+CLIP_BENCHMARK_NAME = "digits"
+
+
+def write_clip_benchmark_layout(out_dir: str, splits: Sequence[str] = SPLITS, limit: Optional[int] = None,
+                                shard_size: int = 256, shifts: Sequence[str] = SHIFTS,
+                                size: int = 32) -> Dict[str, dict]:
+    """Writes the digits as CLIP_benchmark webdataset folders (its ``wds/NAME`` layout), one per set:
+
+    - ``digits``: every split as ``digits/SPLIT/0.tar ...`` with ``SPLIT/nshards.txt``; samples
+      ``KEY.png``, ``KEY.cls`` (the label) and ``KEY.txt`` (the caption, which CLIP_benchmark's
+      classification ignores and ``m2mix-analyze`` reads); ``classnames.txt`` and
+      ``zeroshot_classification_templates.txt`` (the demo's templates, ``{c}`` for the class);
+    - ``digits_rotate``, ``digits_blur``, ``digits_noise``: the test split under each shift, alike;
+    - ``digits_captions``: the test split as a retrieval set (``dataset_type.txt``: retrieval),
+      each image with its caption in ``KEY.txt`` (one line per caption).
+
+    Returns a manifest ``{set: {"root", "task", "splits": {split: num_samples}}}``, also written
+    to ``out_dir/manifest.json``.
+    """
+    images, labels = load_digits_arrays()
+    idx_by_split = split_indices(labels)
+    sets = [(CLIP_BENCHMARK_NAME, "classification", None, list(splits))]
+    if "test" in splits:
+        sets += [(f"{CLIP_BENCHMARK_NAME}_{shift}", "classification", shift, ["test"]) for shift in shifts]
+        sets.append((f"{CLIP_BENCHMARK_NAME}_captions", "retrieval", None, ["test"]))
+    manifest = {}
+    for name, task, shift, set_splits in sets:
+        root = os.path.join(out_dir, name)
+        counts = {}
+        for split in set_splits:
+            folder = os.path.join(root, split)
+            os.makedirs(folder, exist_ok=True)
+            idx = idx_by_split[split][:limit] if limit else idx_by_split[split]
+            samples = [(int(i), _png(to_image(images[i], size, shift, seed=int(i))), caption(int(labels[i]), int(i)),
+                        int(labels[i])) for i in idx]
+            num_shards = max(1, -(-len(samples) // shard_size))
+            for s in range(num_shards):
+                members = []
+                for i, png, text, label in samples[s * shard_size:(s + 1) * shard_size]:
+                    members += [(f"{i:05d}.png", png), (f"{i:05d}.txt", text.encode())]
+                    if task == "classification":
+                        members.append((f"{i:05d}.cls", str(label).encode()))
+                _write_tar(os.path.join(folder, f"{s}.tar"), members)
+            with open(os.path.join(folder, "nshards.txt"), "w") as f:
+                f.write(f"{num_shards}\n")
+            counts[split] = len(samples)
+        if task == "classification":
+            _write_class_files(root)
+        else:
+            with open(os.path.join(root, "dataset_type.txt"), "w") as f:
+                f.write("retrieval\n")
+        manifest[name] = {"root": os.path.abspath(root), "task": task, "splits": counts}
+    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
     return manifest
 
 
@@ -137,7 +223,16 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="Output folder.")
     parser.add_argument("--limit", type=int, default=None, help="At most this many samples per split.")
     parser.add_argument("--shard-size", type=int, default=256, help="Samples per webdataset shard.")
+    parser.add_argument("--layout", choices=["openclip", "clip_benchmark"], default="openclip",
+                        help="openclip (default): CSV files and shards for OpenCLIP's trainer; clip_benchmark: "
+                             "CLIP_benchmark webdataset folders (clip_benchmark eval --dataset wds/digits "
+                             "--dataset_root OUT/digits), also read by --zeroshot-data and m2mix-analyze --data.")
     args = parser.parse_args(argv)
+    if args.layout == "clip_benchmark":
+        for name, m in write_clip_benchmark_layout(args.out, limit=args.limit, shard_size=args.shard_size).items():
+            splits = ", ".join(f"{split} {count}" for split, count in m["splits"].items())
+            print(f"{name:16s} {m['task']:14s} {splits}  {m['root']}")
+        return 0
     manifest = write_dataset(args.out, limit=args.limit, shard_size=args.shard_size)
     for name, m in manifest.items():
         print(f"{name:16s} {m['num_samples']:5d} samples  {m['csv']}  {m['shards']}")

@@ -2,19 +2,20 @@
 
 The one place that turns files into samples, for the training pre-flight checks
 (:mod:`m2mix_openclip.integration.preflight`), evaluation (``m2mix-analyze``, ``m2mix-demo``) and
-zero-shot classification (the ``--zeroshot-data`` hook). A new data form (an ImageFolder tree,
-CLIP_benchmark's ``ROOT/test/*.tar`` layout) is a new branch of :func:`load_pairs` /
-:func:`load_labelled_set` here and nowhere else.
+zero-shot classification (the ``--zeroshot-data`` hook). A new data form (an ImageFolder tree, say)
+is a new branch of :func:`load_pairs` / :func:`load_labelled_set` here and nowhere else; a folder is
+read as CLIP_benchmark's webdataset layout (:func:`clip_benchmark_set`).
 
 Evaluation in layers (each module imports only from the floors below it; ``tests/test_layers.py``):
 
-    3 tools    analyze.py, demo.py, results.py (how a tool ends a run), integration/zeroshot_hook.py,
-               integration/metrics.py
+    3 tools    analyze.py, demo.py, export.py, results.py (how a tool ends a run),
+               integration/zeroshot_hook.py, integration/metrics.py
     2 tasks    evaluation.py (a table row from features), zeroshot.py (labelled sets), simat.py
     1 inputs   datasets.py (reading), models.py (loading), encode.py (embedding)
     0 maths    metrics.py (geometry, calibration, zero-shot scores), retrieval.py (ranks)
 
-The figures, the table and atomic files (plots.py, report.py, atomic.py) serve the tools only.
+The figures, the table and atomic files (plots.py, report.py, atomic.py) serve the tools only;
+progress.py (a bar on a terminal, plain lines elsewhere) serves encode.py and the tools.
 
 Conventions, the same as OpenCLIP's trainer uses for the same files:
 
@@ -33,6 +34,14 @@ Conventions, the same as OpenCLIP's trainer uses for the same files:
   is its first member of :data:`IMAGE_EXTENSIONS` (OpenCLIP's order), its caption ``txt``, its
   label ``cls``.
   :func:`read_shard_samples` is the one tar reader.
+- A folder: CLIP_benchmark's webdataset layout, read as its ``wds/NAME`` datasets are read from
+  ``--dataset_root`` (:func:`clip_benchmark_set`): ``ROOT/SPLIT/0.tar ... ROOT/SPLIT/{n-1}.tar``
+  with ``n`` in ``ROOT/SPLIT/nshards.txt`` (without that file, every ``ROOT/SPLIT/*.tar`` in
+  numeric order), ``ROOT/classnames.txt`` and ``ROOT/zeroshot_classification_templates.txt`` (one
+  per line, ``{c}`` for the class; lines taken as its reader takes them: every line, stripped) and
+  ``ROOT/dataset_type.txt`` (``retrieval``; missing: classification). A sample's image is its
+  first ``webp``/``png``/``jpg``/``jpeg`` member (its order), its label ``cls``, and in a retrieval
+  set its captions the lines of ``txt`` (``str.splitlines``), all of one image.
 
 Every function raises (``ValueError``, ``FileNotFoundError``) with a message that names the file,
 the line or sample, and the fix; the tools turn it into one line.
@@ -55,10 +64,14 @@ from PIL import Image
 
 __all__ = ["IMAGE_EXTENSIONS", "MissingImageError", "missing_image_error", "resolve_image", "read_csv_rows",
            "shard_patterns", "shard_files", "read_shard_samples", "load_pairs", "group_by_image", "open_image",
-           "LabelledSet", "load_labelled_set", "parse_class_names", "parse_templates"]
+           "LabelledSet", "load_labelled_set", "parse_class_names", "parse_templates",
+           "CLIP_BENCHMARK_IMAGE_EXTENSIONS", "ClipBenchmarkSet", "is_clip_benchmark_root", "clip_benchmark_set",
+           "load_clip_benchmark_pairs"]
 
 # the image members OpenCLIP's webdataset pipeline takes, in its order of preference (image="jpg;png;jpeg;webp")
 IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")
+# the image members CLIP_benchmark's wds reader takes, in its order (to_tuple(["webp", "png", "jpg", "jpeg"], ...))
+CLIP_BENCHMARK_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 CSV_SUFFIXES = (".csv", ".tsv")
 SHARD_HELP = ("a .csv/.tsv file, or .tar shards as a path, a glob or a brace pattern such as "
               "'shard-{000000..000009}.tar'")
@@ -179,15 +192,16 @@ def shard_files(spec: str) -> List[str]:
             for path in sorted(glob.glob(pattern))]
 
 
-def read_shard_samples(spec: str, extensions: Collection[str]) -> Dict[str, Dict[str, bytes]]:
+def read_shard_samples(spec: Union[str, Sequence[str]], extensions: Collection[str]) -> Dict[str, Dict[str, bytes]]:
     """The samples of webdataset shards, ``{"SHARD:KEY": {extension: bytes}}`` in shard order,
     holding the members whose extension is in ``extensions`` (see the module docstring for how
-    members group into samples). A sample with none of them is left out.
+    members group into samples). A sample with none of them is left out. ``spec`` is a shard spec
+    (:func:`shard_files`) or the list of files itself.
 
     Raises:
         FileNotFoundError: no file matches ``spec``. ValueError: a file is not a readable tar.
     """
-    files = shard_files(spec)
+    files = shard_files(spec) if isinstance(spec, str) else list(spec)
     if not files:
         raise FileNotFoundError(f"{spec}: no file matches it ({SHARD_HELP})")
     samples: Dict[str, Dict[str, bytes]] = {}
@@ -206,8 +220,8 @@ def read_shard_samples(spec: str, extensions: Collection[str]) -> Dict[str, Dict
     return samples
 
 
-def _shard_image(sample: Dict[str, bytes]) -> Optional[bytes]:
-    return next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+def _shard_image(sample: Dict[str, bytes], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Optional[bytes]:
+    return next((sample[e] for e in extensions if e in sample), None)
 
 
 def _is_csv(source: str) -> bool:
@@ -216,8 +230,11 @@ def _is_csv(source: str) -> bool:
 
 # -- image-caption pairs --------------------------------------------------------------------------
 def load_pairs(data: str, img_key: str = "filepath", caption_key: str = "title", label_key: str = "label",
-               sep: str = "\t", image_id_key: Optional[str] = None, limit: Optional[int] = None) -> List[dict]:
-    """Image-caption pairs from a CSV file or webdataset shards (the first ``limit`` of them).
+               sep: str = "\t", image_id_key: Optional[str] = None, limit: Optional[int] = None,
+               split: str = "test") -> List[dict]:
+    """Image-caption pairs from a CSV file, webdataset shards or a CLIP_benchmark folder (its
+    ``split``; :func:`load_clip_benchmark_pairs` with the folder's class names and templates), the
+    first ``limit`` of them.
 
     Each pair is a dict with ``image`` (a path, checked by :func:`resolve_image`, or the encoded
     bytes), ``caption``, ``label`` (int, or None where the row has none) and ``image_id`` (str),
@@ -226,6 +243,8 @@ def load_pairs(data: str, img_key: str = "filepath", caption_key: str = "title",
     the CSV, else the SHA-1 of the image bytes in shards. Shard samples without an image or a
     caption are left out, as OpenCLIP's trainer leaves them out.
     """
+    if is_clip_benchmark_root(data):
+        return load_clip_benchmark_pairs(clip_benchmark_set(data, split), limit=limit)
     if _is_csv(data):
         columns = {img_key: "--csv-img-key", caption_key: "--csv-caption-key"}
         if image_id_key is not None:
@@ -278,11 +297,14 @@ def group_by_image(pairs: Sequence[dict]) -> Tuple[List[int], torch.Tensor]:
 # -- labelled sets --------------------------------------------------------------------------------
 @dataclass
 class LabelledSet:
-    """Images (paths or encoded bytes) with integer labels in [0, num_classes)."""
+    """Images (paths or encoded bytes) with integer labels in [0, num_classes); the class names and
+    templates it is scored with, where they belong to the set (a CLIP_benchmark folder's)."""
     name: str
     source: str
     images: List[Union[str, bytes]]
     labels: torch.Tensor  # (N,) int64
+    class_names: Optional[List[str]] = None
+    templates: Optional[List[str]] = None
 
 
 def _labelled_from_csv(path: str, img_key: str, label_key: str, sep: str, column_flags: Tuple[str, str]):
@@ -293,12 +315,12 @@ def _labelled_from_csv(path: str, img_key: str, label_key: str, sep: str, column
     return images, labels
 
 
-def _labelled_from_shards(spec: str):
+def _labelled_from_shards(spec: Union[str, Sequence[str]], extensions: Sequence[str] = IMAGE_EXTENSIONS):
     images, labels = [], []
-    for key, sample in read_shard_samples(spec, IMAGE_EXTENSIONS + ("cls",)).items():
-        image = _shard_image(sample)
+    for key, sample in read_shard_samples(spec, tuple(extensions) + ("cls",)).items():
+        image = _shard_image(sample, extensions)
         if image is None or "cls" not in sample:
-            raise ValueError(f"sample {key} lacks an image ({'/'.join(IMAGE_EXTENSIONS)}) or a .cls label")
+            raise ValueError(f"sample {key} lacks an image ({'/'.join(extensions)}) or a .cls label")
         images.append(image)
         labels.append(_label(sample["cls"], f"sample {key} .cls"))
     return images, labels
@@ -306,9 +328,11 @@ def _labelled_from_shards(spec: str):
 
 def load_labelled_set(name: str, source: str, num_classes: int, img_key: str = "filepath",
                       label_key: str = "label", sep: str = "\t",
-                      column_flags: Tuple[str, str] = ("--csv-img-key", "--zeroshot-label-key")) -> LabelledSet:
-    """Reads and checks a labelled set: a CSV (an image column and an integer label column) or
-    webdataset shards (an image and a ``cls`` member per sample).
+                      column_flags: Tuple[str, str] = ("--csv-img-key", "--zeroshot-label-key"),
+                      split: str = "test") -> LabelledSet:
+    """Reads and checks a labelled set: a CSV (an image column and an integer label column),
+    webdataset shards (an image and a ``cls`` member per sample) or a CLIP_benchmark
+    classification folder (its ``split``; :func:`clip_benchmark_set`).
 
     Raises:
         ValueError: ``zero-shot set 'NAME': `` and the problem: a missing file or image, a
@@ -316,7 +340,9 @@ def load_labelled_set(name: str, source: str, num_classes: int, img_key: str = "
             or lies outside ``0..num_classes - 1``, or no sample at all.
     """
     try:
-        if _is_csv(source):
+        if is_clip_benchmark_root(source):
+            images, labels = _labelled_from_clip_benchmark(clip_benchmark_set(source, split))
+        elif _is_csv(source):
             images, labels = _labelled_from_csv(source, img_key, label_key, sep, column_flags)
         else:
             images, labels = _labelled_from_shards(source)
@@ -358,3 +384,157 @@ def parse_templates(text: str) -> List[str]:
         raise ValueError(f"every zero-shot template needs {{c}} for the class name; {missing} lack it "
                          "(e.g. 'a photo of the number {c}')")
     return templates
+
+
+# -- CLIP_benchmark's webdataset layout ------------------------------------------------------------
+CLIP_BENCHMARK_TASKS = ("classification", "retrieval")
+
+
+@dataclass
+class ClipBenchmarkSet:
+    """One split of a CLIP_benchmark webdataset folder (``clip_benchmark eval --dataset wds/NAME
+    --dataset_root ROOT``): its shards in order, its task, and the folder's class names and
+    templates (None where the folder has no such file)."""
+    root: str
+    split: str
+    task: str  # "classification" or "retrieval"
+    shards: List[str]
+    class_names: Optional[List[str]]
+    templates: Optional[List[str]]
+
+
+def is_clip_benchmark_root(source: str) -> bool:
+    """A folder is read as CLIP_benchmark's layout (files and shard patterns are not folders)."""
+    return os.path.isdir(source)
+
+
+def _lines_as_clip_benchmark_reads_them(path: str) -> Optional[List[str]]:
+    """Every line of a text file, stripped (its reader's ``[line.strip() for line in
+    read().splitlines()]``), or None where there is no such file."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f.read().splitlines()]
+
+
+def _split_folders(root: str) -> List[str]:
+    return sorted(entry for entry in os.listdir(root) if os.path.isdir(os.path.join(root, entry))
+                  and any(name.endswith(".tar") for name in os.listdir(os.path.join(root, entry))))
+
+
+def _numeric_order(name: str):
+    stem = name[:-len(".tar")]
+    return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
+
+
+def clip_benchmark_set(root: str, split: str = "test") -> ClipBenchmarkSet:
+    """The metadata of a CLIP_benchmark folder's ``split`` (no image is read).
+
+    Raises:
+        FileNotFoundError: no such folder, no ``ROOT/SPLIT`` folder (the message lists the splits
+            there), or a shard that ``nshards.txt`` counts is missing.
+        ValueError: ``nshards.txt`` is not a whole number, the split holds no shard, a dataset type
+            other than classification or retrieval (multi-label sets are not read), or a template
+            without ``{c}``.
+    """
+    where = f"CLIP_benchmark folder {root}"
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{where}: no such folder")
+    kind = _lines_as_clip_benchmark_reads_them(os.path.join(root, "dataset_type.txt"))
+    task = " ".join(kind).strip().lower() if kind is not None else "classification"
+    if task not in CLIP_BENCHMARK_TASKS:
+        raise ValueError(f"{where}: dataset_type.txt says {task!r}; only classification (no file, or "
+                         "'classification') and 'retrieval' sets are read (multi-label sets are not)")
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        found = _split_folders(root)
+        raise FileNotFoundError(f"{where}: no split {split!r} (no folder {folder}); splits there: "
+                                f"{', '.join(found) if found else 'none (no sub-folder holds .tar shards)'}; "
+                                "choose one with --split (m2mix-analyze) or --zeroshot-split (--zeroshot-data)")
+    count_file = os.path.join(folder, "nshards.txt")
+    if os.path.isfile(count_file):
+        with open(count_file, encoding="utf-8") as f:
+            text = f.read().strip()
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"{count_file}: expected the number of shards (a whole number >= 1), got {text[:20]!r}")
+        shards = [os.path.join(folder, f"{i}.tar") for i in range(int(text))]
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if missing:
+            raise FileNotFoundError(f"{count_file} counts {len(shards)} shards (0.tar to {len(shards) - 1}.tar), "
+                                    f"but {len(missing)} are missing (first: {missing[0]})")
+    else:
+        shards = [os.path.join(folder, name) for name in sorted(os.listdir(folder), key=_numeric_order)
+                  if name.endswith(".tar")]
+        if not shards:
+            raise ValueError(f"{where}: {folder} holds no .tar shard")
+    class_names = templates = None
+    if task == "classification":
+        class_names = _lines_as_clip_benchmark_reads_them(os.path.join(root, "classnames.txt"))
+        templates = _lines_as_clip_benchmark_reads_them(os.path.join(root, "zeroshot_classification_templates.txt"))
+        lacking = [t for t in templates or [] if "{c}" not in t]
+        if lacking:
+            raise ValueError(f"{root}/zeroshot_classification_templates.txt: every template needs {{c}} for the class "
+                             f"name; {lacking[:3]} lack it")
+    return ClipBenchmarkSet(root, split, task, shards, class_names, templates)
+
+
+def _labelled_from_clip_benchmark(dataset: ClipBenchmarkSet):
+    if dataset.task != "classification":
+        raise ValueError(f"{dataset.root} is a {dataset.task} set (dataset_type.txt): it has captions, not labels; "
+                         "zero-shot classification needs a classification set (evaluate retrieval sets with "
+                         "m2mix-analyze --data ROOT)")
+    return _labelled_from_shards(dataset.shards, CLIP_BENCHMARK_IMAGE_EXTENSIONS)
+
+
+def load_clip_benchmark_pairs(dataset: ClipBenchmarkSet, class_names: Optional[Sequence[str]] = None,
+                              templates: Optional[Sequence[str]] = None, limit: Optional[int] = None) -> List[dict]:
+    """Image-caption pairs of a CLIP_benchmark split, as :func:`load_pairs` gives them (the first
+    ``limit``).
+
+    - retrieval: a pair per caption (each line of the sample's ``txt``), all captions of a sample
+      sharing its ``image_id`` (``SHARD:KEY``), no label;
+    - classification: a pair per sample with its ``cls`` label; the caption is the sample's
+      ``txt`` where it has one, else the first template filled with its class name
+      (``class_names`` and ``templates`` default to the folder's).
+
+    Raises:
+        ValueError: a sample without an image, caption or label, or (classification without
+            captions) no class names or templates to make captions from, or a label outside them.
+    """
+    extensions = CLIP_BENCHMARK_IMAGE_EXTENSIONS + ("txt", "cls")
+    pairs: List[dict] = []
+    names = list(class_names) if class_names is not None else dataset.class_names
+    prompts = list(templates) if templates is not None else dataset.templates
+    for key, sample in read_shard_samples(dataset.shards, extensions).items():
+        if limit is not None and len(pairs) >= limit:
+            break
+        image = _shard_image(sample, CLIP_BENCHMARK_IMAGE_EXTENSIONS)
+        if image is None:
+            raise ValueError(f"sample {key} has no image ({'/'.join(CLIP_BENCHMARK_IMAGE_EXTENSIONS)})")
+        image_id = key
+        if dataset.task == "retrieval":
+            if "txt" not in sample:
+                raise ValueError(f"sample {key} of the retrieval set {dataset.root} has no .txt captions")
+            captions = sample["txt"].decode("utf-8").splitlines()
+            if not captions:
+                raise ValueError(f"sample {key} of the retrieval set {dataset.root}: its .txt holds no caption")
+            pairs.extend({"image": image, "caption": c, "label": None, "image_id": image_id} for c in captions)
+            continue
+        if "cls" not in sample:
+            raise ValueError(f"sample {key} of the classification set {dataset.root} has no .cls label")
+        label = _label(sample["cls"], f"sample {key} .cls")
+        if "txt" in sample:
+            caption = sample["txt"].decode("utf-8")
+        else:
+            if not names or not prompts:
+                raise ValueError(f"{dataset.root}: its samples have no .txt caption, and captions are made from the "
+                                 "class names and the first template, but "
+                                 f"{'classnames.txt' if not names else 'zeroshot_classification_templates.txt'} "
+                                 "is missing (or give --class-names and --templates)")
+            if not 0 <= label < len(names):
+                raise ValueError(f"sample {key} .cls: label {label} outside the {len(names)} class names")
+            caption = prompts[0].replace("{c}", names[label])
+        pairs.append({"image": image, "caption": caption, "label": label, "image_id": image_id})
+    if not pairs:
+        raise ValueError(f"{dataset.root}: split {dataset.split!r} holds no sample")
+    return pairs[:limit]

@@ -27,6 +27,7 @@ from .encode import class_text_features, encode
 from .evaluation import evaluate_features
 from .integration import openclip_compat
 from .models import load_model, read_checkpoint
+from .progress import progress
 from .results import finish_run
 from .zeroshot import zero_shot_metrics
 
@@ -88,7 +89,6 @@ def _bare_state(checkpoint, path):
 
 
 def run_demo(args) -> dict:
-    from tqdm import tqdm
     out = os.path.abspath(args.out)
     if os.path.exists(os.path.join(out, "logs")):
         raise FileExistsError(f"{out} already holds a demo run (logs/); choose a new --out or remove it")
@@ -96,7 +96,7 @@ def run_demo(args) -> dict:
     log = os.path.join(out, "training.log")
     start = time.time()
 
-    stages = tqdm(total=5, desc="m2mix-demo", unit="stage")
+    stages = progress(5, "m2mix-demo", unit="stages")
     stages.set_postfix_str("writing data")
     data = write_dataset(os.path.join(out, "data"), limit=args.limit, shard_size=256)
     stages.update()

@@ -1,7 +1,8 @@
 """Embedding: images, texts, the zero-shot class-text classifier, zero-shot logits.
 
 Floor 1 of evaluation (see :mod:`m2mix_openclip.datasets` for the layers): a model and read data
-in, unit-norm float32 features out, on the CPU. Images go through the model in batches of
+in, unit-norm float32 features out, on the CPU. Progress shows as a bar on a terminal and as plain
+lines elsewhere (:mod:`m2mix_openclip.progress`). Images go through the model in batches of
 ``batch_size`` under ``autocast()`` (and cast to ``input_dtype``), as OpenCLIP evaluates under
 the run's ``--precision``; the features are normalised in float32.
 """
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .datasets import group_by_image, open_image
+from .progress import progress as progress_display
 
 __all__ = ["encode_images", "encode_texts", "encode", "encode_grouped", "zero_shot_classifier",
            "class_text_features", "zero_shot_logits"]
@@ -24,13 +26,14 @@ __all__ = ["encode_images", "encode_texts", "encode", "encode_grouped", "zero_sh
 def encode_images(model, preprocess, images: Sequence, batch_size: int = 256, device="cpu", desc: str = "images",
                   progress: bool = True, autocast=contextlib.nullcontext, input_dtype=None) -> torch.Tensor:
     """Unit-norm (N, D) float32 embeddings of images (paths or encoded bytes), on the CPU."""
-    from tqdm import tqdm
     out = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
-        pixels = torch.stack([preprocess(open_image(im)) for im in images[start:start + batch_size]])
-        with autocast():
-            features = model.encode_image(pixels.to(device=device, dtype=input_dtype))
-        out.append(F.normalize(features.float(), dim=-1).cpu())
+    with progress_display(len(images), desc, "images", leave=False, enabled=progress) as shown:
+        for start in range(0, len(images), batch_size):
+            pixels = torch.stack([preprocess(open_image(im)) for im in images[start:start + batch_size]])
+            with autocast():
+                features = model.encode_image(pixels.to(device=device, dtype=input_dtype))
+            out.append(F.normalize(features.float(), dim=-1).cpu())
+            shown.update(len(pixels))
     return torch.cat(out)
 
 
@@ -38,11 +41,12 @@ def encode_images(model, preprocess, images: Sequence, batch_size: int = 256, de
 def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256, device="cpu",
                  desc: str = "captions", progress: bool = True) -> torch.Tensor:
     """Unit-norm (N, D) float32 embeddings of texts, on the CPU."""
-    from tqdm import tqdm
     out = []
-    for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
-        tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
-        out.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    with progress_display(len(texts), desc, "texts", leave=False, enabled=progress) as shown:
+        for start in range(0, len(texts), batch_size):
+            batch = list(texts[start:start + batch_size])
+            out.append(F.normalize(model.encode_text(tokenizer(batch).to(device)).float(), dim=-1).cpu())
+            shown.update(len(batch))
     return torch.cat(out)
 
 

@@ -23,6 +23,14 @@ figure exactly, use torchmetrics.
 
 Zero-shot scores (:func:`zero_shot_scores`): top-1 and top-5 accuracy (top-5 from 5 classes on),
 and the ECE of the softmax confidence at the model's ``logit_scale``.
+
+Ties (:func:`hit_probability`), the one rule of every top-K figure here and in
+:mod:`m2mix_openclip.retrieval`: candidates that score exactly the same are put in a uniformly random
+order, and a score is the expected value of the hit over that order, not the hit of one arbitrary
+order. A tie is never credited to the query: a label tied with one other class counts 1/2 at top-1.
+Without ties this is the plain top-K hit, the same as CLIP_benchmark's ``topk``-based figures; with
+ties, CLIP_benchmark's figures follow ``torch.topk``'s order of the tied candidates, and the mean of
+its figure over every order of the candidates equals ours (``tests/test_clip_benchmark.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-__all__ = ["embedding_geometry", "alignment", "uniformity", "expected_calibration_error", "zero_shot_scores"]
+__all__ = ["embedding_geometry", "alignment", "uniformity", "expected_calibration_error", "hit_probability",
+           "zero_shot_scores"]
 
 # Elements of one (chunk, N) block: 8 M floats = 32 MB, a few such buffers live at once.
 _BLOCK_ELEMENTS = 8 * 1024 * 1024
@@ -178,7 +187,8 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
     (see the module docstring for how torchmetrics bins differently).
 
     Args:
-        confidence: (N,) floats in [0, 1]; correct: (N,) bools (or 0/1).
+        confidence: (N,) floats in [0, 1]; correct: (N,) bools, 0/1, or the probability of being
+            right (a top-1 tied between candidates, :func:`hit_probability`).
     Returns:
         The ECE as a Python float; 0.0 for N = 0; NaN when a confidence is NaN (a diverged
         model's evaluation reports it rather than stopping the run).
@@ -204,18 +214,51 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
     return (gap.abs().sum() / confidence.numel()).item()
 
 
+def hit_probability(above: torch.Tensor, tied_positives: torch.Tensor, tied_negatives: torch.Tensor,
+                    k: int) -> torch.Tensor:
+    r"""The chance that a positive ranks within the top ``k`` when tied candidates are put in a
+    uniformly random order.
+
+    A query's candidates in score order: ``above`` candidates score strictly more than its best
+    positive (all negatives), then a tie group of ``tied_positives`` positives (m >= 1) and
+    ``tied_negatives`` negatives (n) scoring exactly that. With r = k - above places left, a hit
+    is certain when r > n, impossible when r <= 0, and else
+    :math:`1 - \binom{n}{r} / \binom{n + m}{r} = 1 - \prod_{i<r} \frac{n - i}{n + m - i}`
+    (the first r of the group all negatives). Without ties (m = 1, n = 0) this is ``above < k``.
+
+    Args:
+        above, tied_positives, tied_negatives: (Q,) integer counts per query.
+    Returns:
+        (Q,) float64 probabilities.
+    """
+    above, m, n = (torch.as_tensor(t).to(torch.float64) for t in (above, tied_positives, tied_negatives))
+    places = k - above
+    miss = torch.ones_like(above)
+    for i in range(k):  # k is small (1, 5, 10): one (Q,) product per place
+        factor = (n - i).clamp(min=0) / (n + m - i).clamp(min=1)
+        miss = torch.where(places > i, miss * factor, miss)
+    return torch.where(places > 0, 1.0 - miss, torch.zeros_like(miss))
+
+
 def zero_shot_scores(similarity: torch.Tensor, labels: torch.Tensor, logit_scale: float,
                      bins: int = 15) -> Dict[str, float]:
     """Zero-shot scores of an (N, C) image-class similarity matrix against (N,) labels:
     ``top1``, ``top5`` (where there are at least 5 classes) and ``ece`` (the
-    :func:`expected_calibration_error` of the top-1 softmax confidence at ``logit_scale``)."""
+    :func:`expected_calibration_error` of the top-1 softmax confidence at ``logit_scale``, against
+    the chance that the top-1 class is the label).
+
+    A class scoring exactly as the label shares the places with it at random
+    (:func:`hit_probability`): the label tied with one other class at the top counts 1/2 at top-1."""
     similarity = similarity.float()
-    probs = (logit_scale * similarity).softmax(dim=1)
-    confidence, prediction = probs.max(dim=1)
-    correct = prediction == labels
-    scores = {"top1": correct.float().mean().item()}
+    labels = torch.as_tensor(labels, dtype=torch.long, device=similarity.device)
+    label_score = similarity.gather(1, labels[:, None])  # (N, 1)
+    above = (similarity > label_score).sum(1)
+    tied = (similarity == label_score).sum(1) - 1  # other classes scoring exactly as the label
+    one = torch.ones_like(above)
+    top1 = hit_probability(above, one, tied, 1)
+    scores = {"top1": top1.mean().item()}
     if similarity.shape[1] >= 5:
-        top5 = similarity.topk(5, dim=1).indices
-        scores["top5"] = (top5 == labels[:, None]).any(dim=1).float().mean().item()
-    scores["ece"] = expected_calibration_error(confidence, correct, bins)
+        scores["top5"] = hit_probability(above, one, tied, 5).mean().item()
+    confidence = (logit_scale * similarity).softmax(dim=1).max(dim=1).values
+    scores["ece"] = expected_calibration_error(confidence, top1, bins)
     return scores

@@ -9,6 +9,8 @@ branch of :func:`read_checkpoint` here and nowhere else.
   adapter (``openclip_compat.numpy_scalars_allowed``).
 - A training checkpoint (``{"state_dict": ...}`` with ``module.`` prefixes from
   DistributedDataParallel) and a bare state dict both work.
+- A ``local-dir:`` folder's own weights (``m2mix-export``'s): OpenCLIP 3.x loads them; before 3.0
+  the folder's ``open_clip_pytorch_model.bin`` is read here (``openclip_compat.local_dir_weights``).
 - Errors name the file and the fix: a missing file, an unreadable one, one that does not fit the
   model (listing missing, unexpected and mis-shaped keys), pretrained weights that cannot be had.
 """
@@ -20,8 +22,8 @@ from typing import Optional
 
 import torch
 
+from .integration.openclip_compat import local_dir_weights, numpy_scalars_allowed
 from .integration.openclip_compat import model_name as supported_model_name
-from .integration.openclip_compat import numpy_scalars_allowed
 from .integration.quiet import PRETRAINED_FAILURE, RANDOM_INIT, dropped_log_messages
 
 __all__ = ["read_checkpoint", "load_model"]
@@ -84,6 +86,8 @@ def load_model(model_name: str, checkpoint: Optional[str] = None, pretrained: Op
     import open_clip
     if model_name.startswith("local-dir:") and pretrained:
         raise ValueError("OpenCLIP ignores --pretrained for local-dir: models; pass --checkpoint instead")
+    if checkpoint is None:
+        checkpoint = local_dir_weights(model_name)  # a folder's own weights, before OpenCLIP 3.0
     model_name = supported_model_name(model_name)  # local-dir: before OpenCLIP 3.0 too
     state = read_checkpoint(checkpoint) if checkpoint is not None else None
     # held back: the random-init warning when the checkpoint's weights replace the random ones, and

@@ -89,9 +89,14 @@ def plot_sphere_projection(models: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
         for feats, colour in ((x, IMAGE), (y, TEXT)):
             p = feats[:max_points].double() @ basis
             p = p / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            ax.scatter(p[:, 0], p[:, 1], s=6, alpha=0.5, c=colour)
+            ax.scatter(p[:, 0], p[:, 1], s=6, alpha=0.5, c=colour, zorder=2)
+        # the arrows above every point; the image arrow wide under the narrow caption arrow, so
+        # that both show where they point the same way
+        for feats, colour, width, head, zorder in ((x, IMAGE, 6, 14, 3), (y, TEXT, 2, 7, 4)):
             m = feats.double().mean(0) @ basis
-            ax.annotate("", xy=(m[0], m[1]), xytext=(0, 0), arrowprops=dict(color=colour, width=2, headwidth=8))
+            ax.annotate("", xy=(m[0], m[1]), xytext=(0, 0), zorder=zorder,
+                        arrowprops=dict(facecolor=colour, edgecolor="white", linewidth=0.6, width=width,
+                                        headwidth=head, headlength=0.9 * head, shrink=0))
         gap = (x.double().mean(0) - y.double().mean(0)).norm().item()
         ax.add_patch(Circle((0, 0), 1.0, fill=False, lw=0.5, color="grey"))
         ax.set_title(f"{name}\nmodality gap {gap:.3f}", fontsize=10)
@@ -104,8 +109,8 @@ def plot_sphere_projection(models: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
     axes[0].set_ylabel("main direction of spread", fontsize=8)
     handles = [Line2D([], [], ls="", marker="o", ms=4, color=IMAGE, alpha=0.7),
                Line2D([], [], ls="", marker="o", ms=4, color=TEXT, alpha=0.7),
-               Line2D([], [], color=IMAGE, lw=2, marker=">", ms=6),
-               Line2D([], [], color=TEXT, lw=2, marker=">", ms=6)]
+               Line2D([], [], color=IMAGE, lw=5, marker=">", ms=9),
+               Line2D([], [], color=TEXT, lw=1.5, marker=">", ms=5)]
     # the legend heads the figure and carries its title (a suptitle and a legend above the panels
     # are not laid out apart by the constrained layout)
     legend = fig.legend(handles, ["image embedding", "caption embedding", "mean image embedding",
@@ -116,7 +121,8 @@ def plot_sphere_projection(models: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
     legend.get_title().set_multialignment("center")
     _note(fig, "Each embedding is projected on the plane of the gap direction and the main direction of spread, "
                "then put back on the unit circle: two separate arcs are the modality gap. An arrow is a modality's "
-               "mean embedding; the longer it is (at most 1), the narrower that modality's cone.")
+               "mean embedding (the caption arrow drawn narrow on the wide image arrow); the longer it is (at most "
+               "1), the narrower that modality's cone.")
     _save(fig, path)
     return fig
 
@@ -157,19 +163,27 @@ def plot_cosine_histograms(models: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
 def plot_metric_bars(table: Dict[str, Dict[str, float]], keys: Sequence[str], path: str,
                      title: Optional[str] = None) -> Figure:
     """One panel per metric, one bar per model (a legend names the models), the value on each
-    bar; panel titles say which way is better; metrics in [0, 1] are drawn on that axis."""
+    bar; panel titles say which way is better; metrics in [0, 1] are drawn on that axis, and
+    "lower is better" metrics that go below zero (uniformity) rise from their best possible value
+    (the metric's ``floor``), so that a shorter bar is better there as in every such panel."""
     names = list(table)
     colours = model_colours(names)
     fig, axes = _figure(len(keys), 2.5, 3.4)
     for ax, key in zip(axes, keys):
         m = metric(key)
         values = [table[n].get(key, float("nan")) for n in names]
-        bars = ax.bar(range(len(names)), values, color=[colours[n] for n in names])
-        ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=7, padding=2)
         finite = [v for v in values if v == v]
+        base = min([m.floor] + finite) if m.floor is not None else 0.0
+        bars = ax.bar(range(len(names)), [v - base for v in values], bottom=base,
+                      color=[colours[n] for n in names])
+        ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=7, padding=2)
         if m.unit:
             ax.set_ylim(0, 1.12)  # room for the values above a bar at 1
             ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+        elif m.floor is not None:
+            high = max(finite + [0.0])
+            ax.set_ylim(base, high + 0.12 * ((high - base) or 1.0))
+            ax.set_ylabel(m.floor_note, fontsize=7)
         elif finite:
             low, high = min(finite + [0.0]), max(finite + [0.0])
             pad = 0.15 * ((high - low) or 1.0)

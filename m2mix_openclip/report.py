@@ -16,12 +16,18 @@ __all__ = ["Metric", "METRICS", "metric", "ordered_keys", "format_table"]
 @dataclass(frozen=True)
 class Metric:
     """key: the key in results; name: the row name and panel title; better: "higher", "lower",
-    or None for a description that is not a score (the modality gap, mean cosines); unit: the
-    metric lies in [0, 1] (bars are drawn on that axis)."""
+    or None for a description that is not a score (mean cosines); unit: the metric lies in [0, 1]
+    (bars are drawn on that axis); floor: where a figure's bars start, the metric's best possible
+    value for a "lower is better" metric that goes below zero (so that a shorter bar is better, as
+    in every other "lower is better" panel), with ``floor_note`` saying so; figure_direction: a
+    figure's "which way is better" line where the table prints none."""
     key: str
     name: str
     better: Optional[str] = None
     unit: bool = False
+    floor: Optional[float] = None
+    floor_note: str = ""
+    figure_direction: str = ""
 
     @property
     def row_name(self) -> str:
@@ -31,7 +37,15 @@ class Metric:
     @property
     def direction(self) -> str:
         """A figure's note under the title: which way is better, or an empty string."""
-        return {"higher": "higher is better \u2191", "lower": "lower is better \u2193"}.get(self.better, "")
+        return self.figure_direction or {"higher": "higher is better \u2191",
+                                         "lower": "lower is better \u2193"}.get(self.better, "")
+
+
+def _uniformity(which: str) -> Metric:
+    # log E exp(-2 |u - v|^2) >= -2 E|u - v|^2 >= -4 n / (n - 1) (Jensen; sum_{i<j} |u_i - u_j|^2 <= n^2 / 2
+    # on the unit sphere): about -4 for points spread evenly, 0 when they collapse to one point
+    return Metric(f"uniformity_{which}", f"uniformity, {which}", "lower", floor=-4.0,
+                  floor_note="bars rise from \u22124, the most\neven spread: shorter is better")
 
 
 def _zero_shot(shift: str, words: str) -> Metric:
@@ -56,11 +70,13 @@ METRICS = (
     Metric("image_to_text_ece", "image->text ECE", "lower", True),
     Metric("text_to_image_ece", "text->image ECE", "lower", True),
     Metric("alignment", "alignment", "lower"),
-    Metric("uniformity_joint", "uniformity, joint", "lower"),
-    Metric("uniformity_image", "uniformity, image", "lower"),
-    Metric("uniformity_text", "uniformity, text", "lower"),
-    Metric("relative_alignment", "relative alignment", "lower"),
-    Metric("modality_gap", "modality gap"),
+    _uniformity("joint"),
+    _uniformity("image"),
+    _uniformity("text"),
+    Metric("relative_alignment", "relative alignment", "lower", floor=-4.0,
+           floor_note="bars rise from \u22124,\nthe best possible"),
+    # not a score in Liang et al.; m2-Mix aims to close it (docs/evaluation.md)
+    Metric("modality_gap", "modality gap", figure_direction="lower is better \u2193 (closer)"),
     Metric("positive_cosine", "mean positive cosine"),
     Metric("negative_cosine", "mean negative cosine"),
     Metric("simat_dev", "SIMAT dev (best scale)", "higher"),

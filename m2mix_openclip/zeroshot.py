@@ -11,29 +11,73 @@ the model's ``logit_scale``). One scoring, two namings:
   ``NAME-zeroshot-top5`` (from 5 classes) and ``NAME-zeroshot-ece`` per labelled set
   (:func:`set_metric_key`).
 
-A labelled set is a CSV (an image-path column and an integer label column) or webdataset shards
-(an image member and a ``cls`` member per sample), read and checked by
-:func:`~m2mix_openclip.datasets.load_labelled_set` before any model runs. The readers, the
-classifier and the scores are re-exported here under their old names.
+A labelled set is a CSV (an image-path column and an integer label column), webdataset shards
+(an image member and a ``cls`` member per sample) or a CLIP_benchmark classification folder, read
+and checked by :func:`load_zero_shot_set` before any model runs. A folder brings its own class
+names and templates (``classnames.txt``, ``zeroshot_classification_templates.txt``), used unless
+others are given; every set is scored with the classifier of its own names and templates. The
+readers, the classifier and the scores are re-exported here under their old names.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .datasets import LabelledSet, load_labelled_set, parse_class_names, parse_templates
+from .datasets import (
+    LabelledSet,
+    clip_benchmark_set,
+    is_clip_benchmark_root,
+    load_labelled_set,
+    parse_class_names,
+    parse_templates,
+)
 from .encode import zero_shot_classifier, zero_shot_logits
 from .metrics import zero_shot_scores
 
 __all__ = ["LabelledSet", "load_labelled_set", "parse_class_names", "parse_templates",
            "zero_shot_classifier", "zero_shot_logits", "zero_shot_scores", "zero_shot_metrics",
-           "labelled_set_metrics", "set_metric_key", "set_metric_keys", "SET_SCORES", "TOOL_KEYS"]
+           "labelled_set_metrics", "set_metric_key", "set_metric_keys", "SET_SCORES", "TOOL_KEYS",
+           "DEFAULT_TEMPLATES", "load_zero_shot_set"]
 
 SET_SCORES = ("top1", "top5", "ece")  # what zero_shot_scores gives (top5 from 5 classes on)
 TOOL_KEYS = {"top1": "zero_shot_accuracy", "ece": "zero_shot_ece"}  # the tools' names of those scores
+DEFAULT_TEMPLATES = ("a photo of a {c}.",)  # where neither a flag nor the set gives templates
+
+
+def load_zero_shot_set(name: str, source: str, class_names: Optional[Sequence[str]] = None,
+                       templates: Optional[Sequence[str]] = None, split: str = "test", img_key: str = "filepath",
+                       label_key: str = "label", sep: str = "\t",
+                       column_flags: Tuple[str, str] = ("--csv-img-key", "--zeroshot-label-key"),
+                       names_flag: str = "--zeroshot-classnames") -> LabelledSet:
+    """A labelled set (:func:`~m2mix_openclip.datasets.load_labelled_set`) with the class names and
+    templates it is scored with: the given ones, else a CLIP_benchmark folder's own, else (templates)
+    :data:`DEFAULT_TEMPLATES`.
+
+    Raises:
+        ValueError: ``zero-shot set 'NAME': `` and the problem, as ``load_labelled_set``, or no
+            class names (a CSV or shards without ``names_flag``, a folder without ``classnames.txt``).
+    """
+    folder = None
+    if is_clip_benchmark_root(source):
+        try:
+            folder = clip_benchmark_set(source, split)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"zero-shot set {name!r}: {e}") from None
+    if folder is not None and folder.task != "classification":
+        load_labelled_set(name, source, 1, split=split)  # raises: a retrieval set has no labels
+    names = list(class_names) if class_names is not None else (folder.class_names if folder else None)
+    if names is None:
+        where = f"{source} has no classnames.txt" if folder else f"{source} is not a CLIP_benchmark folder"
+        raise ValueError(f"zero-shot set {name!r}: no class names ({where}); give {names_flag} (a file with "
+                         "one name per line, or a comma list)")
+    prompts = (list(templates) if templates is not None else
+               (folder.templates if folder is not None and folder.templates else list(DEFAULT_TEMPLATES)))
+    labelled = load_labelled_set(name, source, len(names), img_key, label_key, sep, column_flags, split)
+    labelled.class_names, labelled.templates = names, prompts
+    return labelled
 
 
 def zero_shot_metrics(image_features: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor,
@@ -55,16 +99,27 @@ def set_metric_keys(set_names: Sequence[str]) -> List[str]:
 
 
 @torch.no_grad()
-def labelled_set_metrics(model, preprocess, tokenizer, sets: Sequence[LabelledSet], class_names: Sequence[str],
-                         templates: Sequence[str], batch_size: int = 256, device="cpu",
-                         autocast=contextlib.nullcontext, input_dtype=None) -> Dict[str, float]:
-    """Zero-shot scores of every labelled set, named ``NAME-zeroshot-SCORE``; the class-text
-    classifier is built once, images go through the model in batches of ``batch_size`` under
-    ``autocast()``, cast to ``input_dtype``. The model is used as it is (eval mode is the caller's)."""
-    classifier = zero_shot_classifier(model, tokenizer, class_names, templates, device, autocast)
+def labelled_set_metrics(model, preprocess, tokenizer, sets: Sequence[LabelledSet],
+                         class_names: Optional[Sequence[str]] = None, templates: Optional[Sequence[str]] = None,
+                         batch_size: int = 256, device="cpu", autocast=contextlib.nullcontext,
+                         input_dtype=None) -> Dict[str, float]:
+    """Zero-shot scores of every labelled set, named ``NAME-zeroshot-SCORE``, each with its own
+    class names and templates (``class_names`` / ``templates`` where the set has none); one
+    class-text classifier per distinct pair, built once; images go through the model in batches of
+    ``batch_size`` under ``autocast()``, cast to ``input_dtype``. The model is used as it is (eval
+    mode is the caller's)."""
+    classifiers: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], torch.Tensor] = {}
     scale = float(model.logit_scale.exp())
     out: Dict[str, float] = {}
     for labelled in sets:
+        names = labelled.class_names if labelled.class_names is not None else class_names
+        prompts = labelled.templates if labelled.templates is not None else templates
+        if names is None or prompts is None:
+            raise ValueError(f"zero-shot set {labelled.name!r}: no class names or templates to score it with")
+        key = (tuple(names), tuple(prompts))
+        if key not in classifiers:
+            classifiers[key] = zero_shot_classifier(model, tokenizer, names, prompts, device, autocast)
+        classifier = classifiers[key]
         similarity = zero_shot_logits(model, preprocess, labelled.images, classifier, batch_size, device,
                                       autocast, input_dtype)
         for score, value in zero_shot_scores(similarity, labelled.labels, scale).items():

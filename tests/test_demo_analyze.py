@@ -71,9 +71,12 @@ def test_demo_writes_every_output_and_is_reproducible(demo):
     assert "modality gap" in stdout and "alignment (lower: better)" in stdout and "finetuned m2mix" in stdout
     assert "--fast: a smoke test" in stdout  # nobody reads its numbers as results
     assert "M2mix_loss" in (out / "training.log").read_text()
-    # stderr holds the progress bars and nothing else: no log line breaks them
-    segments = [s for s in re.split(r"[\r\n]+", re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stderr)) if s.strip()]
-    assert segments and all(re.match(r"^[\w :-]+: +\d+%\|", s) for s in segments), segments[:5]
+    # stderr holds the progress and nothing else, as whole lines (not a terminal: no bars, no escape
+    # sequences, no carriage returns), and no log line breaks them
+    assert "\x1b" not in stderr and "\r" not in stderr
+    lines = stderr.splitlines()
+    assert lines and all(re.match(r"^[\w :-]+: \d+/\d+ \w+ \(\d+%\)", line) for line in lines), lines[:5]
+    assert "m2mix-demo: 1/5 stages (20%) pre-training (standard CLIP loss)" in lines
     again = json.loads((out_b / "results.json").read_text())
     assert again["models"] == result["models"], "the same command twice must give the same numbers"
 

@@ -1,3 +1,6 @@
+import itertools
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,22 +91,37 @@ def test_embedding_arithmetic_on_a_compositional_set():
     assert wrong["arithmetic_R@1"] < 0.4
 
 
+def random_order_hit(above, tied_positives, tied_negatives, k):
+    """P(a positive within the top k) when the tie group is ordered at random: the positives among
+    its first k - above places are hypergeometric, so a miss is C(n, r) / C(n + m, r)."""
+    r = k - above
+    if r <= 0:
+        return 0.0
+    if r > tied_negatives:  # more places than negatives in the group
+        return 1.0
+    return 1.0 - math.comb(tied_negatives, r) / math.comb(tied_negatives + tied_positives, r)
+
+
 def brute_force_grouped(image_features, text_features, caption_image, ks):
-    """Plain loops over the full matrix: the definition of multi-caption R@K."""
+    """Plain loops over the full matrix: the definition of multi-caption R@K, ties in random order."""
     s = image_features @ text_features.T
     out = {}
-    i2t_rank = []
+    i2t, t2i = [], []
     for i in range(s.shape[0]):
         positives = [t for t in range(s.shape[1]) if caption_image[t] == i]
         best = max(s[i, t].item() for t in positives)
-        i2t_rank.append(sum(1 for t in range(s.shape[1]) if s[i, t].item() > best))
-    t2i_rank = []
+        above = sum(1 for t in range(s.shape[1]) if s[i, t].item() > best)
+        tied_positives = sum(1 for t in positives if s[i, t].item() == best)
+        tied = sum(1 for t in range(s.shape[1]) if s[i, t].item() == best)
+        i2t.append((above, tied_positives, tied - tied_positives))
     for t in range(s.shape[1]):
         own = s[caption_image[t], t].item()
-        t2i_rank.append(sum(1 for i in range(s.shape[0]) if s[i, t].item() > own))
+        above = sum(1 for i in range(s.shape[0]) if s[i, t].item() > own)
+        tied = sum(1 for i in range(s.shape[0]) if s[i, t].item() == own)
+        t2i.append((above, 1, tied - 1))
     for k in ks:
-        out[f"image_to_text_R@{k}"] = sum(r < k for r in i2t_rank) / len(i2t_rank)
-        out[f"text_to_image_R@{k}"] = sum(r < k for r in t2i_rank) / len(t2i_rank)
+        out[f"image_to_text_R@{k}"] = sum(random_order_hit(*r, k) for r in i2t) / len(i2t)
+        out[f"text_to_image_R@{k}"] = sum(random_order_hit(*r, k) for r in t2i) / len(t2i)
     return out
 
 
@@ -161,3 +179,47 @@ def test_grouped_ece_is_top1_confidence_against_a_positive_top1():
     confidence, top = probs.max(dim=1)
     want = expected_calibration_error(confidence, caption_image[top] == torch.arange(6))
     assert r["image_to_text_ece"] == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("above, positives, negatives", [(0, 1, 0), (0, 1, 3), (1, 2, 3), (0, 3, 4), (2, 1, 5),
+                                                         (4, 2, 2), (0, 2, 7)])
+def test_hit_probability_counts_every_order_of_the_tie_group(above, positives, negatives):
+    """Each arrangement of the tie group, enumerated: the share in which a positive lands in the top k."""
+    from m2mix_openclip.metrics import hit_probability
+    group = [True] * positives + [False] * negatives
+    orders = list(itertools.permutations(group))
+    for k in (1, 2, 3, 5, 10):
+        want = sum(any(order[:max(0, k - above)]) for order in orders) / len(orders)
+        got = hit_probability(torch.tensor([above]), torch.tensor([positives]), torch.tensor([negatives]), k)
+        assert got.item() == pytest.approx(want, abs=1e-12), k
+
+
+def test_a_repeated_caption_is_not_credited_to_every_image():
+    # four images, each with the same caption text (one embedding repeated): image->text R@1 is the
+    # 1-in-4 chance of a random order, not 1 (the old rule credited every tie to the query)
+    g = torch.Generator().manual_seed(7)
+    images = F.normalize(torch.randn(4, 8, generator=g), dim=1)
+    caption = F.normalize(torch.randn(1, 8, generator=g), dim=1)
+    r = retrieval_metrics(images, caption.repeat(4, 1), ks=(1, 2, 4), labels=torch.tensor([0, 0, 1, 1]))
+    assert r["image_to_text_R@1"] == pytest.approx(1 / 4)
+    assert r["image_to_text_R@2"] == pytest.approx(1 / 2)
+    assert r["image_to_text_R@4"] == 1.0
+    # label precision: half of the tied captions carry the image's label
+    assert r["image_to_text_label_precision@1"] == pytest.approx(1 / 2)
+    # ECE: every image's confidence is 1/4 (four tied candidates), its chance of a right top-1 1/4
+    assert r["image_to_text_ece"] == pytest.approx(0.0, abs=1e-6)
+    # text->image has no ties here: the same as the plain argmax
+    top = (caption @ images.T).argmax().item()
+    assert r["text_to_image_R@1"] == pytest.approx(1 / 4) and top in range(4)
+
+
+def test_zero_shot_ties_share_the_places():
+    from m2mix_openclip.metrics import zero_shot_scores
+    # row 0: label tied with one class at the top (1/2 at top-1); row 1: clear hit; row 2: the label
+    # ties with four classes below one higher class (top-1 miss; 5 places for 1 + 5 tied: 4/5 at top-5)
+    sim = torch.tensor([[0.5, 0.5, 0.1, 0.0, 0.0, 0.0, 0.0],
+                        [0.1, 0.9, 0.2, 0.0, 0.0, 0.0, 0.0],
+                        [0.3, 0.3, 0.3, 0.3, 0.3, 0.9, 0.0]])
+    scores = zero_shot_scores(sim, torch.tensor([1, 1, 2]), logit_scale=1.0)
+    assert scores["top1"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+    assert scores["top5"] == pytest.approx((1 + 1 + 4 / 5) / 3)

@@ -16,6 +16,7 @@ import re
 import shutil
 import sys
 
+import open_clip
 import open_clip.loss
 import pytest
 import reference as ref
@@ -351,6 +352,30 @@ def test_m2mix_analyze_reads_this_releases_checkpoint(trained):
     # the trainer's own evaluation of that checkpoint on the same data found the same geometry
     trained_row = results(trained["logs"], "run")[0]
     assert row["modality_gap"] == pytest.approx(trained_row["modality_gap"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_an_export_of_this_releases_checkpoint_is_the_trained_model(trained):
+    """m2mix-export, then the tools on the folder alone (OpenCLIP 3.x loads its weights; before 3.0,
+    which has no local-dir:, the tools read them): the trainer's own evaluation figures again."""
+    exported = trained["base"] / "exported"
+    checkpoint = trained["logs"] / "run" / "checkpoints" / "epoch_1.pt"
+    run([sys.executable, "-m", "m2mix_openclip.export", "--model", trained["model"], "--checkpoint", str(checkpoint),
+         "--out", str(exported)])
+    out = trained["base"] / "report-exported"
+    run([sys.executable, "-m", "m2mix_openclip.analyze", "--model", f"local-dir:{exported}",
+         "--data", trained["data"]["test"]["csv"], "--device", "cpu", "--out", str(out)])
+    with open(out / "analysis.json") as f:
+        row = json.load(f)["models"]["exported"]
+    trained_row = results(trained["logs"], "run")[0]
+    assert row["modality_gap"] == pytest.approx(trained_row["modality_gap"], rel=1e-4, abs=1e-5)
+    if compat.native_local_dir():
+        model = open_clip.create_model(f"local-dir:{exported}")
+        with compat.numpy_scalars_allowed():
+            state = torch.load(checkpoint, weights_only=True)["state_dict"]
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        assert model.state_dict().keys() == state.keys()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
 def test_the_adapter_reads_whether_evaluation_passes_a_tokenizer():

@@ -124,7 +124,8 @@ def test_metric_bars_explain_themselves(keys, tmp_path):
     assert [t.get_text() for t in fig.legends[0].texts] == list(table)  # the models, named once
     titles = [ax.get_title() for ax in fig.axes]
     expected = {"alignment": "alignment\nlower is better \u2193", "zero_shot_accuracy":
-                "zero-shot accuracy\nhigher is better \u2191", "modality_gap": "modality gap\n", "zzz": "zzz\n",
+                "zero-shot accuracy\nhigher is better \u2191",
+                "modality_gap": "modality gap\nlower is better \u2193 (closer)", "zzz": "zzz\n",
                 "uniformity_joint": "uniformity, joint\nlower is better \u2193",
                 "image_to_text_label_precision@1": "image->text label precision@1\nhigher is better \u2191"}
     assert titles == [expected[k] for k in keys]
@@ -135,3 +136,39 @@ def test_metric_bars_explain_themselves(keys, tmp_path):
         if key in ("zero_shot_accuracy", "image_to_text_label_precision@1"):
             assert (low, high) == (0, 1.12)  # a metric in [0, 1] on that axis, with room for the labels
         assert low <= min(0.0, *[table[n][key] for n in table]) and high >= max(0.0, *[table[n][key] for n in table])
+
+
+def test_both_mean_arrows_show_where_they_point_the_same_way(tmp_path):
+    from matplotlib.colors import to_rgb
+    g = torch.Generator().manual_seed(4)
+    x = F.normalize(torch.randn(80, 16, generator=g) + 1.0, dim=1)
+    fig = plot_sphere_projection({"no gap": (x, x.clone())}, str(tmp_path / "s.png"))  # the same mean twice
+    ax = fig.axes[0]
+    image_annotation, caption_annotation = ax.texts  # an annotation draws its arrow at its own z-order
+    points = max(c.get_zorder() for c in ax.collections)
+    assert points < image_annotation.get_zorder() < caption_annotation.get_zorder()  # arrows above the points
+    assert image_annotation.arrowprops["width"] > 2 * caption_annotation.arrowprops["width"]  # wide under narrow
+    # in the picture: both colours around the middle of the shafts (the points lie on the circle)
+    pixels = np.asarray(Image.open(tmp_path / "s.png").convert("RGB")).astype(float)
+    scale = pixels.shape[0] / fig.bbox.height
+    tip = np.array(image_annotation.xy, dtype=float)
+    middle = ax.transData.transform(0.4 * tip) * scale
+    column, row = int(middle[0]), int(pixels.shape[0] - middle[1])
+    window = pixels[row - 6:row + 7, column - 6:column + 7].reshape(-1, 3)
+
+    def present(colour):
+        return (np.abs(window - 255 * np.array(to_rgb(colour))).sum(1) < 40).any()
+    assert present("tab:blue") and present("tab:orange")
+
+
+def test_uniformity_bars_rise_from_its_best_value_so_shorter_is_better(tmp_path):
+    table = {"a": {"uniformity_joint": -2.6, "alignment": 0.7}, "b": {"uniformity_joint": -2.4, "alignment": 0.6}}
+    fig = plot_metric_bars(table, ["uniformity_joint", "alignment"], str(tmp_path / "m.png"))
+    uniformity, alignment = fig.axes[:2]
+    bottoms = [bar.get_y() for bar in uniformity.patches]
+    heights = [bar.get_height() for bar in uniformity.patches]
+    assert bottoms == [-4.0, -4.0] and heights == pytest.approx([1.4, 1.6])  # the better (lower) one is shorter
+    assert uniformity.get_ylim()[0] == -4.0 and "\u22124" in uniformity.get_ylabel()
+    assert [bar.get_y() for bar in alignment.patches] == [0.0, 0.0]  # other panels start at zero
+    assert [t.get_text() for t in uniformity.texts] == ["-2.600", "-2.400"]  # the values, not the heights
+    assert layout_problems(fig) == []

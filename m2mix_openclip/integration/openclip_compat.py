@@ -13,7 +13,10 @@ wherever that is possible:
 - ``SigLipLoss`` (2.22 on) and its ``dist_impl`` argument (2.30 on), read from ``open_clip.loss``
   (the model-side library: the losses ask without importing the trainer);
 - ``local-dir:PATH`` model names (3.0 on): older releases get the folder's config registered
-  in-process (``open_clip.add_model_config``) under a plain name;
+  in-process (``open_clip.add_model_config``) under a plain name, and the tools load the folder's
+  ``open_clip_pytorch_model.bin`` themselves (:func:`local_dir_weights`), as 3.x loads it;
+- a created model's preprocessing config: ``open_clip.get_model_preprocess_cfg`` where it exists,
+  else the ``image_size`` / ``image_mean`` / ``image_std`` attributes (:func:`model_preprocess_cfg`);
 - the tokenizer's context length: 2.20 always gives 77 tokens, whatever the model's config says;
 - ``--resume`` of the trainer's own checkpoints before 2.30 with torch >= 2.6: the scheduler
   stores numpy learning rates, which ``torch.load``'s ``weights_only`` default then refuses
@@ -289,6 +292,64 @@ def model_name(name: str) -> str:
         os.replace(tmp, registered)  # several processes may register the same folder at once
         open_clip.add_model_config(registered)
     return plain
+
+
+LOCAL_DIR_WEIGHTS = "open_clip_pytorch_model.bin"  # the weights file of a model folder that m2mix-export writes
+
+
+def local_dir_folder(name: str) -> Optional[str]:
+    """The folder of a ``local-dir:PATH`` model name (absolute), or None for another name."""
+    return os.path.abspath(os.path.expanduser(name[len(LOCAL_DIR):])) if name.startswith(LOCAL_DIR) else None
+
+
+def local_dir_weights(name: str) -> Optional[str]:
+    """The weights file the tools load themselves for ``name``: None where OpenCLIP resolves
+    ``local-dir:`` and loads the folder's weights itself (3.0 on), or for other names; before 3.0,
+    the folder's ``open_clip_pytorch_model.bin`` where there is one (as 3.x would load it)."""
+    folder = local_dir_folder(name)
+    if folder is None or native_local_dir():
+        return None
+    path = os.path.join(folder, LOCAL_DIR_WEIGHTS)
+    return path if os.path.isfile(path) else None
+
+
+def model_config(name: str) -> dict:
+    """The ``model_cfg`` OpenCLIP builds ``name`` from: a ``local-dir:`` folder's
+    ``open_clip_config.json``, else the installed release's registry (built-in names; ``hf-hub:``
+    names from the Hugging Face cache where the release reads them).
+
+    Raises:
+        ValueError: no config for ``name`` (the message lists where it was looked for).
+    """
+    import open_clip
+    folder = local_dir_folder(name)
+    if folder is not None:
+        path = os.path.join(folder, "open_clip_config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--model {name}: no open_clip_config.json in {folder}")
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        return config.get("model_cfg", config)
+    config = open_clip.get_model_config(name)
+    if config is None:
+        raise ValueError(f"--model {name}: OpenCLIP {openclip_version()} has no config for it "
+                         "(open_clip.list_models() lists the built-in names)")
+    return config
+
+
+def model_preprocess_cfg(model) -> dict:
+    """The preprocessing OpenCLIP attached to a created model (size, mean, std, and where the
+    release keeps them the interpolation, resize mode, fill colour), with lists for tuples."""
+    import open_clip
+    read = getattr(open_clip, "get_model_preprocess_cfg", None)
+    if read is not None:
+        config = dict(read(model))
+    else:
+        visual = getattr(model, "visual", model)
+        config = {key: getattr(visual, attribute, None) for key, attribute in
+                  (("size", "image_size"), ("mean", "image_mean"), ("std", "image_std"))}
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()
+            if value is not None}
 
 
 def translate_model_argument(argv: Sequence[str]) -> List[str]:

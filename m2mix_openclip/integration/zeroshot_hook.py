@@ -5,10 +5,16 @@ labelled (shifted) sets at every OpenCLIP evaluation.
         --zeroshot-data clean=test.csv --zeroshot-data rot=test-rotate.csv \\
         --zeroshot-classnames names.txt --zeroshot-templates "a photo of the number {c}"
 
+    m2mix-train ... --zeroshot-data imagenet=wds/imagenet1k --zeroshot-data sketch=wds/imagenet_sketch
+
 gives ``clean-zeroshot-top1``, ``clean-zeroshot-top5`` (at least 5 classes),
 ``clean-zeroshot-ece``, ``rot-zeroshot-top1``, ... in the console, ``results.jsonl``,
-tensorboard and wandb, beside OpenCLIP's own figures. The sets are read and checked when the
-arguments are parsed, before the model is built; the class-text classifier is built once per
+tensorboard and wandb, beside OpenCLIP's own figures. A folder is read as CLIP_benchmark's
+webdataset layout (``ROOT/test/*.tar``, ``--zeroshot-split`` for another split) with its own
+``classnames.txt`` and ``zeroshot_classification_templates.txt``, used unless
+``--zeroshot-classnames`` / ``--zeroshot-templates`` are given; each set is scored with its own class
+names and templates. The sets are read and checked when the arguments are parsed, before the model
+is built; the class-text classifier is built once per
 evaluation, images go through the model in batches of ``--batch-size``, under the run's
 ``--precision``. The reading, scoring and naming are :mod:`m2mix_openclip.zeroshot`'s, whose
 scores ``m2mix-analyze`` and ``m2mix-demo`` print as ``zero_shot_accuracy`` / ``zero_shot_ece``.
@@ -22,10 +28,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..datasets import is_clip_benchmark_root
 from ..zeroshot import (
+    DEFAULT_TEMPLATES,
     LabelledSet,
     labelled_set_metrics,
-    load_labelled_set,
+    load_zero_shot_set,
     parse_class_names,
     parse_templates,
     set_metric_keys,
@@ -52,14 +60,19 @@ def add_arguments(parser) -> None:
     group = parser.add_argument_group("zero-shot robustness at every evaluation (m2mix-openclip)")
     group.add_argument("--zeroshot-data", type=_named_set, action="append", default=None, metavar="NAME=PATH",
                        help="A labelled set classified zero-shot at every evaluation: a CSV with an image column "
-                            "(--csv-img-key) and a label column (--zeroshot-label-key), or webdataset shards with "
-                            ".cls members (brace patterns allowed). Repeatable; gives NAME-zeroshot-top1, "
-                            "NAME-zeroshot-top5 and NAME-zeroshot-ece.")
+                            "(--csv-img-key) and a label column (--zeroshot-label-key), webdataset shards with "
+                            ".cls members (brace patterns allowed), or a CLIP_benchmark webdataset folder "
+                            "(ROOT/test/*.tar, classnames.txt, zeroshot_classification_templates.txt). Repeatable; "
+                            "gives NAME-zeroshot-top1, NAME-zeroshot-top5 and NAME-zeroshot-ece.")
     group.add_argument("--zeroshot-classnames", default=None, metavar="FILE_OR_LIST",
-                       help="Class names for --zeroshot-data: a file with one per line, or a comma list.")
-    group.add_argument("--zeroshot-templates", default="a photo of a {c}.", metavar="FILE_OR_LIST",
+                       help="Class names for --zeroshot-data: a file with one per line, or a comma list. "
+                            "Default: a CLIP_benchmark folder's classnames.txt (needed for CSV and shard sets).")
+    group.add_argument("--zeroshot-templates", default=None, metavar="FILE_OR_LIST",
                        help="Prompt templates with {c} for the class name: a file, one per line, or a "
-                            "';'-separated list. Default: 'a photo of a {c}.'")
+                            "';'-separated list. Default: a CLIP_benchmark folder's "
+                            f"zeroshot_classification_templates.txt, else {DEFAULT_TEMPLATES[0]!r}.")
+    group.add_argument("--zeroshot-split", default="test", metavar="SPLIT",
+                       help="The split read from CLIP_benchmark folders (ROOT/SPLIT/*.tar). Default: test.")
     group.add_argument("--zeroshot-label-key", default="label",
                        help="CSV column of integer labels in --zeroshot-data sets. Default: label.")
 
@@ -78,17 +91,26 @@ def validate(args) -> Optional[str]:
         return ("--zeroshot-data is measured at OpenCLIP's evaluations, which run only with --val-data "
                 "(or --imagenet-val); add --val-data")
     if args.zeroshot_classnames is None:
-        return "--zeroshot-data needs --zeroshot-classnames (a file with one name per line, or a comma list)"
+        lacking = [path for _, path in sets if not is_clip_benchmark_root(path)]
+        if lacking:
+            return (f"--zeroshot-data {lacking[0]} needs --zeroshot-classnames (a file with one name per line, or a "
+                    "comma list); only CLIP_benchmark folders bring their own classnames.txt")
     try:
-        classes = parse_class_names(args.zeroshot_classnames)
-        parse_templates(args.zeroshot_templates)
         for name, path in sets:
-            _loaded[(name, path)] = load_labelled_set(
-                name, path, len(classes), img_key=args.csv_img_key, label_key=args.zeroshot_label_key,
-                sep=args.csv_separator)
+            _loaded[(name, path)] = _read_set(args, name, path)
     except ValueError as e:
         return f"--zeroshot-data: {e}"
     return None
+
+
+def _read_set(args, name: str, path: str) -> LabelledSet:
+    """One --zeroshot-data set with the class names and templates the flags give, else its folder's."""
+    names = getattr(args, "zeroshot_classnames", None)
+    templates = getattr(args, "zeroshot_templates", None)
+    return load_zero_shot_set(
+        name, path, parse_class_names(names) if names is not None else None,
+        parse_templates(templates) if templates is not None else None, getattr(args, "zeroshot_split", "test"),
+        img_key=args.csv_img_key, label_key=args.zeroshot_label_key, sep=args.csv_separator)
 
 
 def _precision(args, device: torch.device):
@@ -111,16 +133,12 @@ def zeroshot_metrics(model, tokenizer, preprocess, epoch: int, args) -> Dict[str
     model = getattr(model, "module", model)  # DistributedDataParallel
     device = torch.device(args.device)
     autocast, input_dtype = _precision(args, device)
-    classes = parse_class_names(args.zeroshot_classnames)
-    labelled = [_loaded.get((name, path)) or load_labelled_set(
-        name, path, len(classes), args.csv_img_key, args.zeroshot_label_key, args.csv_separator)
-        for name, path in sets]
+    labelled = [_loaded.get((name, path)) or _read_set(args, name, path) for name, path in sets]
     was_training = model.training
     model.eval()
     try:
-        return labelled_set_metrics(model, preprocess, tokenizer, labelled, classes,
-                                    parse_templates(args.zeroshot_templates), args.batch_size, device, autocast,
-                                    input_dtype)
+        return labelled_set_metrics(model, preprocess, tokenizer, labelled, batch_size=args.batch_size,
+                                    device=device, autocast=autocast, input_dtype=input_dtype)
     finally:
         model.train(was_training)
 
