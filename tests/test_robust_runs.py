@@ -219,3 +219,45 @@ def test_shard_patterns_are_checked_as_openclip_reads_them(env, capsys, tmp_path
                       "--train-num-samples", "48", check=False, timeout=300)
     assert looped.returncode == 1 and "Traceback" not in looped.stderr
     assert last_line(looped).startswith(f"m2mix-train: error: --train-data {one}: a whole pass over the shards")
+
+
+def test_ctrl_c_and_a_finished_run_end_in_one_line(env):
+    import shlex
+    import signal
+    import subprocess
+    import time
+
+    # SIGINT halfway through the save of epoch 2: where it stopped, and the command that goes on
+    args = train_args(env, "interrupted") + ["--loss", "m2mix"]
+    folder = env["logs"] / "interrupted" / "checkpoints"
+    stopped = with_fault("interrupt", 2, args)
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr
+    line = last_line(stopped)
+    assert line == (f"m2mix-train: stopped by Ctrl-C in epoch 1, step 5; the newest checkpoint is "
+                    f"{folder / 'epoch_1.pt'}. To go on: {shlex.join(['m2mix-train', *args, '--resume', 'latest'])}")
+    assert sorted(os.listdir(folder)) == ["epoch_1.pt"]  # nothing of the interrupted save
+
+    # the command it gave trains to the end; once more, the run says it has nothing to do
+    command = shlex.split(line.split("To go on: ", 1)[1])
+    assert command[0] == "m2mix-train"
+    resumed = launcher(*command[1:])
+    assert resumed.returncode == 0 and sorted(os.listdir(folder)) == ["epoch_1.pt", "epoch_2.pt", "epoch_3.pt"]
+    again = launcher(*command[1:])
+    assert again.returncode == 0 and last_line(again) == (
+        f"m2mix-train: {folder / 'epoch_3.pt'} has trained 3 epoch(s) and --epochs is 3: nothing to train; raise "
+        "--epochs above 3 to train on")
+
+    # Ctrl-C while training (SIGINT from outside, as a terminal sends it)
+    env_vars = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "m2mix_openclip.train", *train_args(env, "ctrl-c", epochs=500)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_vars)
+    log = env["logs"] / "ctrl-c" / "out.log"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and "Start epoch 2" in log.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert re.fullmatch(r"m2mix-train: stopped by Ctrl-C in epoch \d+, step \d+; the newest checkpoint is "
+                        r".*/ctrl-c/checkpoints/epoch_\d+\.pt\. To go on: m2mix-train .* --resume latest",
+                        err.strip().splitlines()[-1])

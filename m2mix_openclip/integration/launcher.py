@@ -36,7 +36,9 @@ swapped name                               hook
 
 A run that cannot go on ends in one line (``m2mix-train: error: ...``) and exit status 1: bad data
 met while training (:mod:`.sample_errors`), a checkpoint that cannot be saved or loaded
-(:mod:`.checkpoints`), a loss that turned NaN or Inf (:mod:`.divergence`).
+(:mod:`.checkpoints`), a loss that turned NaN or Inf (:mod:`.divergence`). Ctrl-C ends it in one
+line too (where it stopped, the newest checkpoint and the command that goes on; exit status 130),
+and ``--resume`` of a run that has trained all its epochs says so (exit status 0).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import importlib
 import io
 import logging
 import os
+import shlex
 import sys
 import types
 from typing import Dict, List, Optional, Set
@@ -65,7 +68,7 @@ from .checkpoints import (
     remove_unfinished_saves,
 )
 from .divergence import ON_NONFINITE, DivergedError, NonfiniteWatch
-from .quiet import quiet_torch_loggers
+from .quiet import RANDOM_INIT, dropped_log_messages, plain_progress, quiet_torch_loggers
 from .sample_errors import (
     NoBatchError,
     UnreadableImageError,
@@ -76,10 +79,17 @@ from .sample_errors import (
 from .suggest import suggest_flags
 
 __all__ = ["PluginArgumentParser", "RunHooks", "StepLogger", "DeviceAwareDDP", "KeepingCheckpoints", "open_whole",
-           "log_loss_scalars", "add_run_arguments", "parse_args", "main", "RUN_ERRORS"]
+           "log_loss_scalars", "add_run_arguments", "parse_args", "resume_command", "main", "RUN_ERRORS", "RunFinished"]
 
 LEGACY_LOSS_STATE = "loss_state_epoch_{epoch}.pth"  # where m2mix-openclip 0.1.0 kept the loss state
 RUN_GROUP = "m2mix-train: long runs"
+INTERRUPTED = 130  # the shell's status of a command ended by SIGINT
+
+
+class RunFinished(Exception):
+    """``--resume`` of a checkpoint that has trained every epoch asked for: nothing to do (exit status 0)."""
+
+
 # what ends a run in one line and exit status 1
 RUN_ERRORS = (preflight.MissingImageError, UnreadableImageError, NoBatchError, CheckpointLoadError,
               plugins.CheckpointSaveError, plugins.NonFiniteCheckpointError, DivergedError)
@@ -175,8 +185,13 @@ class PluginArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n(run {self.prog} --help for every flag)\n")
 
     def _explain_unknown(self, message: str) -> str:
-        """A flag of a loss that is not chosen says so; a typo gets the nearest flag."""
+        """A flag of a loss that is not chosen says so; a flag of a newer OpenCLIP names the
+        installed one and what to do; a typo gets the nearest flag."""
         flags = [token.split("=", 1)[0] for token in message.split(":", 1)[1].split()]
+        for flag in flags:
+            advice = openclip_compat.missing_flag_advice(flag)
+            if advice is not None:
+                return advice
         for name in plugins.available_losses():
             if name == self._loss_name:
                 continue
@@ -336,6 +351,7 @@ class RunHooks:
         self.watch: Optional[NonfiniteWatch] = None
         self.refused_save: Optional[str] = None  # the checkpoint last refused for non-finite weights
         self._preloaded = None  # (path, checkpoint) that --resume latest has loaded already
+        self.epoch: Optional[int] = None  # the epoch being trained
 
     def parse_args(self, argv):
         self.args = self.originals["parse_args"](argv)  # the namespace OpenCLIP fills in as it goes
@@ -354,18 +370,23 @@ class RunHooks:
         remove_unfinished_saves(path)
         sort_key = self.originals["main_module"].natural_key
         candidates = checkpoints_newest_first(path, newest, sort_key)
-        chosen, checkpoint = latest_loadable(
-            candidates, lambda p: self.originals["pt_load"](p, map_location="cpu"), path)
+        chosen, checkpoint = latest_loadable(candidates, lambda p: self._openclip_load(p, map_location="cpu"), path)
         if chosen is not None:
             self._preloaded = (chosen, checkpoint)  # main loads it next: once is enough
         return chosen
+
+    def _openclip_load(self, path, *args, **kwargs):
+        """OpenCLIP's ``pt_load``, which also reads the numpy learning rates that its trainers
+        before 2.30 store in their checkpoints (torch's safe loading refuses them otherwise)."""
+        with openclip_compat.numpy_scalars_allowed():
+            return self.originals["pt_load"](path, *args, **kwargs)
 
     def _load(self, path, *args, **kwargs):
         if self._preloaded is not None and self._preloaded[0] == path:
             checkpoint, self._preloaded = self._preloaded[1], None
             return checkpoint
         try:
-            return self.originals["pt_load"](path, *args, **kwargs)
+            return self._openclip_load(path, *args, **kwargs)
         except FileNotFoundError:
             raise CheckpointLoadError(f"--resume {path}: file not found") from None
         except Exception as e:
@@ -378,6 +399,11 @@ class RunHooks:
         if isinstance(checkpoint, dict) and "epoch" in checkpoint:
             self.resume_path, self.resume_epoch = path, int(checkpoint["epoch"])
             self.resumed_loss_state = checkpoint.get("loss")
+            trains = self.args is not None and (self.args.train_data or self.args.dataset_type == "synthetic")
+            if trains and self.resume_epoch >= self.args.epochs:
+                raise RunFinished(
+                    f"{path} has trained {self.resume_epoch} epoch(s) and --epochs is {self.args.epochs}: nothing to "
+                    f"train; raise --epochs above {self.resume_epoch} to train on")
         elif isinstance(checkpoint, dict) and checkpoint and self.args is not None \
                 and getattr(self.args, "distributed", False) and not getattr(self.args, "horovod", False):
             # OpenCLIP loads a bare (model-only) state dict into the DDP-wrapped model, whose keys
@@ -446,6 +472,7 @@ class RunHooks:
 
     def train_one_epoch(self, model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
                         tb_writer=None):
+        self.epoch = epoch
         plugins.set_epoch(loss, epoch)
         writer = StepLogger(tb_writer, loss, epoch, args) if hasattr(loss, "logged_scalars") else tb_writer
         if self.watch is not None and scaler is None and "train" in data:  # no GradScaler skips NaN steps
@@ -466,6 +493,17 @@ class RunHooks:
                                                      logit_scale=logit_scale)
         metrics.update(plugins.eval_metrics(self.args, image_features, text_features, existing=metrics))
         return metrics
+
+    def where_stopped(self) -> str:
+        """Where the run is, and its newest checkpoint, for a run stopped from outside."""
+        if self.epoch is None:
+            where = "before training began"
+        else:
+            step = f", step {self.watch.step}" if self.watch is not None else ""
+            where = f"in epoch {self.epoch}{step}"
+        folder = getattr(self.args, "checkpoint_path", None)
+        saved = checkpoints_newest_first(folder, None, self.originals["main_module"].natural_key) if folder else []
+        return f"{where}; " + (f"the newest checkpoint is {saved[0]}" if saved else "no checkpoint was saved")
 
     def zero_shot_eval(self, model, data, epoch, args, tokenizer=None):
         if self.evaluation_passes_tokenizer:
@@ -507,9 +545,23 @@ def parse_args(argv: List[str], check_data: bool = True) -> argparse.Namespace:
         return oc_params.parse_args(openclip_compat.translate_model_argument(argv))
 
 
+def resume_command(argv: List[str]) -> str:
+    """The command that continues a stopped run: ``argv`` with ``--resume latest`` for its ``--resume``."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--resume":
+            skip = True
+        elif not token.startswith("--resume="):
+            kept.append(token)
+    return shlex.join(["m2mix-train", *kept, "--resume", "latest"])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``m2mix-train [OpenCLIP flags] --loss NAME [loss flags]``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    given = list(argv)
     try:  # the trainer of any supported OpenCLIP (open_clip_train, or training before 2.26)
         trainer = openclip_compat.require_trainer()
         argv = openclip_compat.translate_model_argument(argv)  # local-dir: before OpenCLIP 3.0 too
@@ -517,10 +569,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"m2mix-train: error: {e}", file=sys.stderr)
         return 2
     oc_main, oc_params, oc_train = trainer.main, trainer.params, trainer.train
+    oc_zero_shot = importlib.import_module(f"{trainer.package}.zero_shot")
     if trainer.plugins_patch_applied:
         # OpenCLIP carries one of patches/: it has --loss, the plugin groups, loss-state
         # checkpoints and CPU DDP itself. Run it as it is.
-        status = oc_main.main(argv)
+        try:
+            with plain_progress(oc_zero_shot):
+                status = oc_main.main(argv)
+        except KeyboardInterrupt:
+            print(f"m2mix-train: stopped by Ctrl-C. To go on: {resume_command(given)}", file=sys.stderr)
+            return INTERRUPTED
+        finally:
+            quiet_torch_loggers()
         return 1 if status == -1 else 0
     oc_data = importlib.import_module(f"{trainer.package}.data")
 
@@ -529,6 +589,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     originals.update(get_clip_metrics=oc_train.get_clip_metrics, zero_shot_eval=oc_train.zero_shot_eval,
                      main_module=oc_main, data_module=oc_data)
     hooks = RunHooks(originals)
+    resuming = lambda: hooks.args is not None and hooks.args.resume is not None  # noqa: E731
     try:
         with _swapped(
             (oc_params, "argparse", _argparse_shim()),
@@ -540,8 +601,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             (oc_train, "get_clip_metrics", hooks.get_clip_metrics),
             (oc_train, "zero_shot_eval", hooks.zero_shot_eval),
             (torch.nn.parallel, "DistributedDataParallel", DeviceAwareDDP),
-        ), report_bad_samples(oc_data.CsvDataset), name_sample_errors(oc_data):
+        ), report_bad_samples(oc_data.CsvDataset), name_sample_errors(oc_data), plain_progress(oc_zero_shot), \
+                dropped_log_messages(*RANDOM_INIT, when=resuming):  # the checkpoint's weights come next
             status = oc_main.main(argv)
+    except RunFinished as e:
+        if hooks.first_rank:
+            logging.info(str(e))
+            print(f"m2mix-train: {e}", file=sys.stderr)
+        return 0
+    except KeyboardInterrupt:
+        if hooks.first_rank:
+            message = f"stopped by Ctrl-C {hooks.where_stopped()}. To go on: {resume_command(given)}"
+            logging.warning(message)
+            print(f"m2mix-train: {message}", file=sys.stderr)
+        return INTERRUPTED
     except RUN_ERRORS as e:
         if isinstance(e, DivergedError) and not hooks.first_rank:
             return 1  # every rank stops at the same step; the first says why

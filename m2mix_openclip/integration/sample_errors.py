@@ -53,7 +53,7 @@ class NoBatchError(RuntimeError):
 
 def _decode_problem(error: Exception) -> str:
     text = str(error)
-    if "truncated" in text:
+    if "truncated" in text.lower():
         return f"is truncated (PIL: {text})"
     return f"cannot be decoded ({type(error).__name__}: {text})"
 
