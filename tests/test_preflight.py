@@ -78,6 +78,15 @@ def test_shards_that_do_not_match(tmp_path):
         check_args(make_args(train_data=str(tmp_path / "s-{000000..000001}.tar")))
 
 
+def test_a_dataset_type_that_contradicts_an_extension(csv_file, tmp_path):
+    """OpenCLIP applies --dataset-type to --train-data and --val-data alike: shards and a CSV need it left out."""
+    shard = write_shard(tmp_path / "s-000000.tar", sample_members("0000"))
+    check_args(make_args(train_data=shard, val_data=str(csv_file)))  # auto: each by its extension
+    with pytest.raises(PreflightError, match=r"^--val-data .*train\.csv: --dataset-type webdataset reads it as "
+                                             r"webdataset, but its extension says csv; leave --dataset-type out"):
+        check_args(make_args(train_data=shard, val_data=str(csv_file), dataset_type="webdataset"))
+
+
 def test_unknown_extension_asks_for_dataset_type(tmp_path):
     with pytest.raises(PreflightError, match="--dataset-type"):
         check_args(make_args(train_data=str(tmp_path / "data.parquet")))

@@ -244,6 +244,11 @@ def _check_data(flag: str, spec: Optional[str], args) -> None:
     if not spec or args.dataset_type == "synthetic" or _is_remote(spec):
         return
     kind = _dataset_kind(spec.split("::")[0], args.dataset_type)
+    by_extension = _dataset_kind(spec.split("::")[0], "auto")
+    if by_extension not in (kind, "unknown"):  # --dataset-type is the type of --train-data and --val-data alike
+        raise PreflightError(
+            f"{flag} {spec}: --dataset-type {args.dataset_type} reads it as {kind}, but its extension says "
+            f"{by_extension}; leave --dataset-type out (OpenCLIP then tells each file's type by its extension)")
     if kind == "csv":
         _check_csv(flag, spec, args)
     elif kind == "webdataset":
