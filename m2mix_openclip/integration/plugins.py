@@ -454,14 +454,16 @@ def _megabytes(size: int) -> str:
 
 def nonfinite_tensor(state_dict) -> Optional[str]:
     """The name of the first floating-point tensor of ``state_dict`` that holds NaN or Inf, or None.
-    One device synchronisation per device the tensors are on."""
+    One device synchronisation per device the tensors are on. (Each tensor's minimum and maximum:
+    NaN carries through both, Inf reaches one; a pass with no tensor-sized temporary.)"""
     import torch
-    names = [name for name, value in state_dict.items() if torch.is_tensor(value) and value.is_floating_point()]
+    names = [name for name, value in state_dict.items()
+             if torch.is_tensor(value) and value.is_floating_point() and value.numel()]
     finite = {}
     for device in {state_dict[name].device for name in names}:
         on_device = [name for name in names if state_dict[name].device == device]
-        flags = torch.stack([torch.isfinite(state_dict[name]).all() for name in on_device]).cpu().tolist()
-        finite.update(zip(on_device, flags))
+        ends = torch.stack([torch.stack(state_dict[name].aminmax()).float() for name in on_device])
+        finite.update(zip(on_device, torch.isfinite(ends).all(dim=1).cpu().tolist()))
     return next((name for name in names if not finite[name]), None)
 
 
