@@ -7,38 +7,19 @@ file, never a truncated one that a later reader would take for a result.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from typing import IO, Callable
+
+from .integration.plugins import write_whole
 
 __all__ = ["write_atomically", "write_json"]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Calls ``write(f)`` on a binary temporary file in ``path``'s folder, then moves it to
-    ``path`` in one step; on any error the temporary file is removed and the error raised.
-
-    The file gets the permissions a plain ``open(path, "w")`` would give it (0666 less the umask;
-    ``mkstemp`` alone would leave it readable by its owner only)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        os.fchmod(handle, 0o666 & ~_umask())
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    ``path`` in one step; on any error the temporary file is removed and the error raised. The
+    protocol module's :func:`~m2mix_openclip.integration.plugins.write_whole`, which checkpoints
+    use too (a patched OpenCLIP carries it)."""
+    write_whole(path, write)
 
 
 def write_json(path: str, payload) -> None:

@@ -33,7 +33,7 @@ Conventions, the same as OpenCLIP's trainer uses for the same files:
   stand anywhere in its shard, where webdataset needs them next to each other. A sample's image
   is its first member of :data:`IMAGE_EXTENSIONS` (OpenCLIP's order), its caption ``txt``, its
   label ``cls``.
-  :func:`read_shard_samples` is the one tar reader.
+  :func:`iter_shard_members` is the one tar reader (:func:`read_shard_samples` collects its samples).
 - A folder: CLIP_benchmark's webdataset layout, read as its ``wds/NAME`` datasets are read from
   ``--dataset_root`` (:func:`clip_benchmark_set`): ``ROOT/SPLIT/0.tar ... ROOT/SPLIT/{n-1}.tar``
   with ``n`` in ``ROOT/SPLIT/nshards.txt`` (without that file, every ``ROOT/SPLIT/*.tar`` in
@@ -63,8 +63,8 @@ import torch
 from PIL import Image
 
 __all__ = ["IMAGE_EXTENSIONS", "MissingImageError", "missing_image_error", "resolve_image", "read_csv_rows",
-           "shard_patterns", "shard_files", "read_shard_samples", "load_pairs", "group_by_image", "open_image",
-           "LabelledSet", "load_labelled_set", "parse_class_names", "parse_templates",
+           "shard_patterns", "shard_files", "iter_shard_members", "read_shard_samples", "load_pairs", "group_by_image",
+           "open_image", "LabelledSet", "load_labelled_set", "parse_class_names", "parse_templates",
            "CLIP_BENCHMARK_IMAGE_EXTENSIONS", "ClipBenchmarkSet", "is_clip_benchmark_root", "clip_benchmark_set",
            "load_clip_benchmark_pairs"]
 
@@ -139,7 +139,7 @@ def read_csv_rows(path: str, columns: Mapping[str, str], sep: str = "\t",
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file not found")
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # UTF-8, a byte-order mark read as pandas reads it
             header = f.readline().rstrip("\r\n")
             f.seek(0)
             reader = csv.DictReader(f, delimiter=sep)
@@ -192,6 +192,27 @@ def shard_files(spec: str) -> List[str]:
             for path in sorted(glob.glob(pattern))]
 
 
+def iter_shard_members(path: str, extensions: Optional[Collection[str]] = None):
+    """The members of one shard, in the order they stand, as ``(key, extension, data)`` (see the
+    module docstring for the key and extension); ``data`` is the member's bytes where its
+    extension is in ``extensions`` (all, where None), else None (not read into memory).
+
+    Raises:
+        ValueError: the file is not a readable tar. OSError: it cannot be opened.
+    """
+    try:
+        with tarfile.open(path, mode="r|*") as tar:  # streamed: shards can be large
+            for member in tar:
+                named = _MEMBER_NAME.match(member.name) if member.isfile() else None
+                if named is None:
+                    continue
+                key, extension = named.group(1), named.group(2).lower()
+                wanted = extensions is None or extension in extensions
+                yield key, extension, tar.extractfile(member).read() if wanted else None
+    except (tarfile.TarError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable tar shard: {e}") from None
+
+
 def read_shard_samples(spec: Union[str, Sequence[str]], extensions: Collection[str]) -> Dict[str, Dict[str, bytes]]:
     """The samples of webdataset shards, ``{"SHARD:KEY": {extension: bytes}}`` in shard order,
     holding the members whose extension is in ``extensions`` (see the module docstring for how
@@ -206,17 +227,9 @@ def read_shard_samples(spec: Union[str, Sequence[str]], extensions: Collection[s
         raise FileNotFoundError(f"{spec}: no file matches it ({SHARD_HELP})")
     samples: Dict[str, Dict[str, bytes]] = {}
     for path in files:
-        try:
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    named = _MEMBER_NAME.match(member.name) if member.isfile() else None
-                    if named is None:
-                        continue
-                    key, extension = named.group(1), named.group(2).lower()
-                    if extension in extensions:
-                        samples.setdefault(f"{path}:{key}", {})[extension] = tar.extractfile(member).read()
-        except tarfile.TarError as e:
-            raise ValueError(f"{path} is not a readable tar shard: {e}") from None
+        for key, extension, data in iter_shard_members(path, extensions):
+            if data is not None:
+                samples.setdefault(f"{path}:{key}", {})[extension] = data
     return samples
 
 

@@ -68,7 +68,7 @@ class Edit:
 PLUGINS_IMPORT = "{plugins_import}\n"
 EDITS = [
     # main.py: the loss comes from the protocol, with the resumed loss state; set_epoch; the loss
-    # state in each checkpoint; the evaluation transform for hooks.
+    # state in each checkpoint, each written whole; the evaluation transform for hooks.
     Edit("main.py",
          "from open_clip import create_model_and_transforms, trace_model, get_tokenizer, create_loss\n",
          "from open_clip import create_model_and_transforms, trace_model, get_tokenizer\n" + PLUGINS_IMPORT,
@@ -125,6 +125,16 @@ EDITS = [
          "                checkpoint_dict[\"scaler\"] = scaler.state_dict()\n"
          "            checkpoint_dict.update(plugins.checkpoint_entries(loss))\n",
          "the loss state in each checkpoint"),
+    Edit("main.py",
+         "                torch.save(\n"
+         "                    checkpoint_dict,\n",
+         "                plugins.save_checkpoint(\n"
+         "                    checkpoint_dict,\n",
+         "checkpoints written whole, never with non-finite weights"),
+    Edit("main.py",
+         "                torch.save(checkpoint_dict, tmp_save_path)\n",
+         "                plugins.save_checkpoint(checkpoint_dict, tmp_save_path)\n",
+         "epoch_latest.pt written whole, never with non-finite weights"),
     # params.py: the plugin flags and checks; no abbreviations.
     Edit("params.py",
          "import ast\n",

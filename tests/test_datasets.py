@@ -18,7 +18,8 @@ from m2mix_openclip.datasets import (
     read_shard_samples,
 )
 from m2mix_openclip.integration import zeroshot_hook
-from m2mix_openclip.integration.preflight import MissingImageError, PreflightError, check_args, report_missing_images
+from m2mix_openclip.integration.preflight import MissingImageError, PreflightError, check_args
+from m2mix_openclip.integration.sample_errors import report_bad_samples
 
 
 def png_bytes(value: int) -> bytes:
@@ -67,7 +68,7 @@ def every_reader(csv):
         errors["zero-shot"] = str(e).removeprefix("zero-shot set 'z': ")
     hook = zeroshot_hook.validate(hook_args(csv))
     errors["zero-shot hook"] = hook and hook.removeprefix("--zeroshot-data: zero-shot set 'z': ")
-    with report_missing_images(RowDataset):
+    with report_bad_samples(RowDataset):
         try:
             RowDataset(csv, [line.split("\t")[0] for line in open(csv).read().splitlines()[1:]])[0]
             errors["training"] = None
@@ -219,7 +220,7 @@ def test_one_tar_reader_in_the_package():
                             else "r"
                         if not mode.startswith("w"):
                             readers.append(f"{os.path.relpath(path, root)}:{function.name}")
-    assert readers == ["datasets.py:read_shard_samples"]
+    assert readers == ["datasets.py:iter_shard_members"]
 
 
 def test_labels_of_csv_pairs_are_integers_or_none(tmp_path):

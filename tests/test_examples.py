@@ -46,13 +46,17 @@ def test_prepare_flickr_token_and_coco_json(tmp_path):
 
 
 def recipe_data(folder, rows=1):
-    """A CSV of ``rows`` rows naming one real image, and one shard file: the launcher's pre-flight
-    checks read them before parsing succeeds."""
+    """A CSV of ``rows`` rows naming one real image, and one shard holding it with a caption: the
+    launcher's pre-flight checks read them before parsing succeeds."""
+    import tarfile
     _images(folder / "img", ["a.jpg"])
     csv_path = folder / "data.csv"
     csv_path.write_text("filepath\ttitle\n" + f"{folder / 'img' / 'a.jpg'}\ta picture\n" * rows)
     (folder / "shards").mkdir()
-    (folder / "shards" / "shard-000000.tar").write_bytes(b"")
+    (folder / "a.txt").write_text("a picture")
+    with tarfile.open(folder / "shards" / "shard-000000.tar", "w") as tar:
+        tar.add(folder / "img" / "a.jpg", arcname="000000.jpg")
+        tar.add(folder / "a.txt", arcname="000000.txt")
     return {"TRAIN": str(csv_path), "VAL": str(csv_path)}
 
 

@@ -124,3 +124,23 @@ def test_step_logger_logs_loss_scalars_once_per_openclip_logging_step(monkeypatc
     quiet = StepLogger(None, loss, epoch=1, args=Namespace(wandb=True))
     quiet.add_scalar("train/loss", 1.0, 7)
     assert logged[-1][1] == 7
+
+
+def test_a_flag_of_a_newer_openclip_is_answered_with_the_installed_version(monkeypatch):
+    """The wording (the matrix runs the real thing on 2.20-2.26, whose trainers lack these flags)."""
+    from m2mix_openclip.integration import openclip_compat as compat
+    monkeypatch.setattr(compat, "openclip_version", lambda: "2.24.0")
+    monkeypatch.setattr(compat, "trainer_flags", lambda: frozenset({"--siglip", "--lr"}))
+    assert compat.missing_flag_advice("--device") == (
+        "OpenCLIP 2.24.0's trainer has no --device (it came in 2.28); it takes a visible GPU, else the CPU: leave "
+        "--device out (CUDA_VISIBLE_DEVICES= keeps it on the CPU)")
+    assert compat.missing_flag_advice("--loss-dist-impl").startswith("OpenCLIP 2.24.0's trainer has no "
+                                                                     "--loss-dist-impl (it came in 2.30)")
+    assert compat.missing_flag_advice("--siglip") is None and compat.missing_flag_advice("--devise") is None
+
+
+def test_resume_command_replaces_resume():
+    from m2mix_openclip.integration.launcher import resume_command
+    assert resume_command(["--name", "a b", "--resume", "x.pt", "--epochs", "3"]) == \
+        "m2mix-train --name 'a b' --epochs 3 --resume latest"
+    assert resume_command(["--resume=latest", "--lr", "1e-3"]) == "m2mix-train --lr 1e-3 --resume latest"

@@ -145,9 +145,9 @@ def test_moved_names_are_still_importable_where_users_found_them():
 
 
 # The package's floors, as docs/contributing.md states them: the maths, then evaluation, then the
-# integration with OpenCLIP's trainer, then the tools. Leaves import nothing of the package and
-# any floor may use them: the version adapter (every OpenCLIP difference), the protocol module
-# (which patches carry verbatim), quiet logging, atomic files.
+# integration with OpenCLIP's trainer, then the tools. Leaves import nothing of the package but
+# other leaves, and any floor may use them: the version adapter (every OpenCLIP difference), the
+# protocol module (which patches carry verbatim), quiet logging, atomic files.
 LEAVES = {"integration.openclip_compat", "integration.plugins", "integration.quiet", "atomic"}
 MATHS = ("mixup", "losses", "metrics", "retrieval")
 TOOLS = ("analyze", "demo", "data", "train", "results", "plots", "report", "wiseft", "export")
@@ -161,10 +161,10 @@ def _in(short, prefixes):
     return any(short == p or short.startswith(p + ".") for p in prefixes)
 
 
-def test_leaves_import_nothing_of_the_package():
+def test_leaves_import_nothing_of_the_package_but_leaves():
     graph = import_graph()
     for leaf in LEAVES:
-        assert graph[f"{PACKAGE}.{leaf}"] == set(), leaf
+        assert {_short(t) for t in graph[f"{PACKAGE}.{leaf}"]} <= LEAVES, leaf
 
 
 def test_the_maths_imports_only_the_maths_and_the_leaves():

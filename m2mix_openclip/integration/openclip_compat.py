@@ -190,6 +190,26 @@ def has_flag(option: str) -> bool:
     return option in trainer_flags()
 
 
+# trainer flags that the older supported releases lack: the first release with it, and what to do before
+NEWER_TRAINER_FLAGS = {
+    "--device": ("2.28", "it takes a visible GPU, else the CPU: leave --device out (CUDA_VISIBLE_DEVICES= keeps "
+                         "it on the CPU)"),
+    "--loss-dist-impl": ("2.30", "its SigLIP loss always exchanges caption chunks in both directions, as "
+                                 "--loss-dist-impl bidir does: leave the flag out"),
+    "--siglip": ("2.22", "it has no SigLIP loss: pip install 'open_clip_torch>=2.22,<4' for --siglip"),
+}
+
+
+def missing_flag_advice(option: str) -> Optional[str]:
+    """For a trainer flag of newer releases that the installed trainer lacks: one line naming the
+    installed version and what to do (``"OpenCLIP 2.24.0's trainer has no --device (it came in
+    2.28); it takes a visible GPU, else the CPU: ..."``); None for any other flag."""
+    if option not in NEWER_TRAINER_FLAGS or has_flag(option):
+        return None
+    first, instead = NEWER_TRAINER_FLAGS[option]
+    return f"OpenCLIP {openclip_version()}'s trainer has no {option} (it came in {first}); {instead}"
+
+
 def device_arguments(device: str) -> Tuple[List[str], dict]:
     """(trainer flags, environment variables) that run the trainer on ``device``: ``--device
     DEVICE`` where the trainer has the flag (2.28 on); before, it takes cuda when it sees a GPU,
@@ -248,9 +268,14 @@ def tokenizer_context_length(config_context_length: int) -> int:
 def numpy_scalars_allowed():
     """A context in which ``torch.load(..., weights_only=True)`` also reads numpy float scalars,
     which the trainers before 2.30 store as learning rates in their checkpoints' optimizer state.
-    Only the scalar constructor and float dtypes are allowed, no other code."""
+    Only the scalar constructor and float dtypes are allowed, no other code. (A torch without
+    ``safe_globals`` loads them anyway: its ``weights_only`` default is False.)"""
+    import contextlib
+
     import numpy as np
     import torch
+    if not hasattr(torch.serialization, "safe_globals"):
+        return contextlib.nullcontext()
     core = getattr(np, "_core", None) or np.core
     return torch.serialization.safe_globals(
         [core.multiarray.scalar, np.dtype] + [type(np.dtype(t)) for t in (np.float64, np.float32)])

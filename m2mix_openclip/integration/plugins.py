@@ -3,8 +3,8 @@
 This module is the whole protocol, in one place. ``m2mix-train`` imports it (as
 ``m2mix_openclip.integration.plugins``), and OpenCLIP carrying one of m2mix-openclip's ``patches/``
 holds it verbatim (``open_clip_train/plugins.py``, or ``training/plugins.py`` in 2.20-2.24). So it
-imports only the standard library (``open_clip`` inside the one function that needs it) and runs
-on Python 3.9 and later.
+imports only the standard library (``open_clip`` and ``torch`` inside the functions that need them)
+and runs on Python 3.9 and later.
 
 Registering
 -----------
@@ -84,12 +84,19 @@ wraps around an unpatched OpenCLIP):
 - :func:`loss_scalars` at each logging step, merged into the ``train/`` values it writes;
 - :func:`eval_hooks` after the zero-shot evaluation, :func:`eval_metrics` beside the retrieval
   metrics of the validation features;
-- :data:`preprocess_val`: set to the evaluation transform once the model is created, for the hooks.
+- :data:`preprocess_val`: set to the evaluation transform once the model is created, for the hooks;
+- :func:`save_checkpoint` in place of ``torch.save`` of a training checkpoint: the file under a
+  checkpoint's name is always whole (:func:`write_whole`), a failed save says why in one line
+  (:class:`CheckpointSaveError`) and a model whose weights are not finite is never saved
+  (:class:`NonFiniteCheckpointError`).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -99,7 +106,8 @@ __all__ = ["LOSS_GROUP", "EVAL_METRICS_GROUP", "EVAL_HOOKS_GROUP", "DEFAULT_LOSS
            "PluginError", "available", "duplicates", "load", "try_load", "available_losses", "available_eval_metrics",
            "available_eval_hooks", "get_loss", "get_eval_metric", "chosen_loss", "add_arguments", "check_args",
            "parse_args", "create_loss", "set_epoch", "loss_state_dict", "checkpoint_entries", "loss_scalars",
-           "eval_metrics", "eval_hooks", "preprocess_val"]
+           "eval_metrics", "eval_hooks", "preprocess_val", "CheckpointSaveError", "NonFiniteCheckpointError",
+           "write_whole", "save_checkpoint", "nonfinite_tensor"]
 
 LOSS_GROUP = "open_clip.losses"
 EVAL_METRICS_GROUP = "open_clip.eval_metrics"
@@ -404,3 +412,141 @@ def eval_hooks(model, tokenizer, preprocess, epoch: int, args, existing=()) -> D
     for name, hook in _loadable(EVAL_HOOKS_GROUP, available_eval_hooks()):
         _merge(metrics, hook(model, tokenizer, preprocess, epoch, args), f"evaluation hook {name!r}")
     return {key: value for key, value in metrics.items() if key not in existing}
+
+
+# -- checkpoints --------------------------------------------------------------------------------------
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (a full disk, a quota, permissions); the message is one line
+    naming the cause, the folder and the size the checkpoint needed. Nothing was left under its name."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+class NonFiniteCheckpointError(ValueError):
+    """A checkpoint's model weights hold NaN or Inf (a diverged run); it was not saved."""
+
+
+class _RecordingWriter:
+    """The file ``torch.save`` writes through, keeping the ``OSError`` of a failed write: torch
+    reports it as a ``RuntimeError`` ("unexpected pos ...") that no longer says what happened."""
+
+    def __init__(self, file=None):
+        self.file, self.size, self.error = file, 0, None
+
+    def write(self, data) -> int:
+        try:
+            written = len(data) if self.file is None else self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+        self.size += len(data)
+        return written
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def nonfinite_tensor(state_dict) -> Optional[str]:
+    """The name of the first floating-point tensor of ``state_dict`` that holds NaN or Inf, or None.
+    One device synchronisation per device the tensors are on. (Each tensor's minimum and maximum:
+    NaN carries through both, Inf reaches one; a pass with no tensor-sized temporary.)"""
+    import torch
+    names = [name for name, value in state_dict.items()
+             if torch.is_tensor(value) and value.is_floating_point() and value.numel()]
+    finite = {}
+    for device in {state_dict[name].device for name in names}:
+        on_device = [name for name in names if state_dict[name].device == device]
+        ends = torch.stack([torch.stack(state_dict[name].aminmax()).float() for name in on_device])
+        finite.update(zip(on_device, torch.isfinite(ends).all(dim=1).cpu().tolist()))
+    return next((name for name in names if not finite[name]), None)
+
+
+def _save_failure(error: OSError, path: str, checkpoint) -> str:
+    folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        import torch
+        needed = _RecordingWriter()
+        try:
+            torch.save(checkpoint, needed)  # only on this error path: the size it needed
+            size = f"{name} needs {_megabytes(needed.size)}, {_megabytes(shutil.disk_usage(folder).free)} free"
+        except Exception as e:  # the error says what it can without the size
+            size = f"saving {name}; its size is unknown: {type(e).__name__}"
+        return (f"{reason}: {folder} ({size}); nothing was written under that name and the earlier checkpoints "
+                "are as they were")
+    return (f"{reason}: {folder} (saving {name}); nothing was written under that name and the earlier "
+            "checkpoints are as they were")
+
+
+def write_whole(path: str, write: Callable) -> None:
+    """Calls ``write(f)`` on a new binary file in ``path``'s folder, hidden under a temporary name
+    (``.NAME.<random>.tmp``, which no ``*.pt`` pattern matches; its mode that of a file ``open``
+    creates), flushes it to the disk and renames it to ``path`` in one step: a file under ``path`` is
+    always whole. Whatever stops the write (an error, a full disk, Ctrl-C) leaves the file that was
+    under ``path`` before, if any, and removes the temporary file (a process killed outright leaves
+    it behind, under its hidden name); the error is raised."""
+    folder = os.path.dirname(os.path.abspath(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.urandom(4).hex()}.tmp")
+        try:
+            handle = os.open(temporary, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(handle, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    try:  # the rename itself reaches the disk
+        directory = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(directory)
+    except OSError:
+        pass
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(checkpoint, path: str) -> None:
+    """``torch.save(checkpoint, path)`` written whole or not at all (:func:`write_whole`).
+
+    Raises:
+        NonFiniteCheckpointError: ``checkpoint["state_dict"]`` holds NaN or Inf (nothing written).
+        CheckpointSaveError: the write failed; one line with the cause, the folder and, for a full
+            disk or quota, the size needed and the space free.
+    """
+    import torch
+    state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    bad = nonfinite_tensor(state_dict) if isinstance(state_dict, dict) else None
+    if bad is not None:
+        raise NonFiniteCheckpointError(
+            f"{os.path.basename(path)} not saved: the model's weights are not finite (NaN or Inf in {bad}); the run "
+            "has diverged (a learning rate too high, a loss temperature too low?); the earlier checkpoints are kept")
+    writer = _RecordingWriter()
+
+    def write(f):
+        writer.file = f
+        torch.save(checkpoint, writer)
+
+    try:
+        write_whole(path, write)
+    except BaseException as e:
+        error = writer.error or (e if isinstance(e, OSError) else None)
+        if error is None:
+            raise
+        raise CheckpointSaveError(error.errno, _save_failure(error, path, checkpoint)) from None
