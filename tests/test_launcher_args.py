@@ -144,3 +144,30 @@ def test_resume_command_replaces_resume():
     assert resume_command(["--name", "a b", "--resume", "x.pt", "--epochs", "3"]) == \
         "m2mix-train --name 'a b' --epochs 3 --resume latest"
     assert resume_command(["--resume=latest", "--lr", "1e-3"]) == "m2mix-train --lr 1e-3 --resume latest"
+
+
+@pytest.mark.parametrize("loss_name", ["m2mix", "clip"])
+def test_a_0_1_0_loss_state_file_is_read_only_by_a_loss_with_a_state(tmp_path, loss_name):
+    """m2mix-openclip 0.1.0 kept the loss state beside the checkpoint (loss_state_epoch_N.pth): a
+    resumed m²-Mix loss continues from it; OpenCLIP's own loss, which has no state, never opens it."""
+    import torch
+
+    from m2mix_openclip import M2MixLoss
+    from m2mix_openclip.integration.launcher import LEGACY_LOSS_STATE, RunHooks, parse_args
+    saved = M2MixLoss(seed=7)
+    saved.generator.manual_seed(1234)
+    torch.rand(5, generator=saved.generator)  # the generator has moved on from its seed
+    legacy = tmp_path / LEGACY_LOSS_STATE.format(epoch=1)
+    if loss_name == "m2mix":
+        torch.save({"state_dict": saved.state_dict()}, legacy)
+    else:
+        legacy.write_bytes(b"not a torch file")  # would fail to load, were it opened
+    args = parse_args(["--model", "RN50", "--loss", loss_name, "--train-data", "x.csv"], check_data=False)
+    args.rank, args.world_size, args.distill = 0, 1, False  # what OpenCLIP's main sets before create_loss
+    hooks = RunHooks({"main_module": None})
+    hooks.resume_path, hooks.resume_epoch = str(tmp_path / "epoch_1.pt"), 1
+    loss = hooks.create_loss(args)
+    if loss_name == "m2mix":
+        torch.testing.assert_close(loss.generator.get_state(), saved.generator.get_state())
+    else:
+        assert not hasattr(loss, "generator")

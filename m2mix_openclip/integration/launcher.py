@@ -414,12 +414,12 @@ class RunHooks:
 
     def create_loss(self, args):
         state = self.resumed_loss_state
-        if self.resume_path is not None and state is None:
-            legacy = os.path.join(os.path.dirname(self.resume_path), LEGACY_LOSS_STATE.format(epoch=self.resume_epoch))
-            if os.path.exists(legacy):
-                state = torch.load(legacy, map_location="cpu", weights_only=True)["state_dict"]
         loss = plugins.create_loss(args, state)
         if self.resume_path is not None and plugins.loss_state_dict(loss) is not None:
+            legacy = os.path.join(os.path.dirname(self.resume_path), LEGACY_LOSS_STATE.format(epoch=self.resume_epoch))
+            if state is None and os.path.exists(legacy):  # only a loss with a state reads 0.1.0's file
+                state = torch.load(legacy, map_location="cpu", weights_only=True)["state_dict"]
+                loss.load_state_dict(state)
             if state is None:
                 logging.warning(f"resuming from {self.resume_path} without a loss state in it: the loss state "
                                 "(mixing-lambda generator) restarts from its seed")
@@ -508,8 +508,9 @@ class RunHooks:
     def zero_shot_eval(self, model, data, epoch, args, tokenizer=None):
         if self.evaluation_passes_tokenizer:
             metrics = self.originals["zero_shot_eval"](model, data, epoch, args, tokenizer=tokenizer)
-        else:  # this trainer evaluates without the run's tokenizer: the hooks get the model's
+        else:
             metrics = self.originals["zero_shot_eval"](model, data, epoch, args)
+        if tokenizer is None:  # a trainer that evaluates without the run's tokenizer: the hooks get the model's
             import open_clip
             tokenizer = open_clip.get_tokenizer(args.model)
         metrics.update(plugins.eval_hooks(model, tokenizer, self.preprocess_val, epoch, args, existing=metrics))

@@ -2,7 +2,7 @@
 
 This module is the whole protocol, in one place. ``m2mix-train`` imports it (as
 ``m2mix_openclip.integration.plugins``), and OpenCLIP carrying one of m2mix-openclip's ``patches/``
-holds it verbatim (``open_clip_train/plugins.py``, or ``training/plugins.py`` in 2.20-2.24). So it
+holds it verbatim (``open_clip_train/plugins.py``, or ``training/plugins.py`` in 2.23-2.24). So it
 imports only the standard library (``open_clip`` and ``torch`` inside the functions that need them)
 and runs on Python 3.9 and later.
 
