@@ -168,6 +168,16 @@ def trainer_flags() -> FrozenSet[str]:
     params = require_trainer().params
 
     class Capturing(argparse.ArgumentParser):
+        """Records the option strings of every argument (argparse has no public list of them;
+        OpenCLIP's params.py adds each one to the parser itself, in no group)."""
+
+        options: set
+
+        def add_argument(self, *args, **kwargs):
+            action = super().add_argument(*args, **kwargs)
+            self.__dict__.setdefault("options", set()).update(action.option_strings)
+            return action
+
         def parse_args(self, args=None, namespace=None):
             raise _ParserCaptured(self)
 
@@ -179,7 +189,7 @@ def trainer_flags() -> FrozenSet[str]:
     try:
         params.parse_args([])
     except _ParserCaptured as captured:
-        return frozenset(captured.parser._option_string_actions)
+        return frozenset(captured.parser.options)
     finally:
         params.argparse = saved
     raise _unsupported("its params.parse_args does not build an argparse parser")
