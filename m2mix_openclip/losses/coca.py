@@ -53,9 +53,10 @@ class M2MixCoCaLoss(SoftmaxMixingMixin, CoCaLoss):
                 labels: torch.Tensor, logit_scale: torch.Tensor, output_dict: bool = False,
                 mix_lambda: Optional[float] = None):
         new_step = self._begin_call(image_features, text_features, mix_lambda)
-        losses = CoCaLoss.forward(self, image_features, text_features, logits, labels, logit_scale, output_dict=True)
-        if self.enabled_terms:
-            rows = self._batch_rows(image_features, text_features)
-            losses.update(self._mixing_terms(rows, logit_scale, new_step, mix_lambda))
+        with self._one_gather(image_features, text_features):  # CoCaLoss's contrastive part and ours share it
+            losses = CoCaLoss.forward(self, image_features, text_features, logits, labels, logit_scale,
+                                      output_dict=True)
+            if self.enabled_terms:
+                losses.update(self._mixing_terms(self._held_rows(), logit_scale, new_step, mix_lambda))
         self._count_nonfinite(sum(losses.values()), new_step)
         return losses if output_dict else tuple(losses.values())

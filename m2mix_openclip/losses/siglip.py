@@ -16,10 +16,10 @@ import torch.distributed.nn  # noqa: F401  (all_reduce / all_gather with gradien
 from open_clip.loss import SigLipLoss, neighbour_exchange_bidir_with_grad, neighbour_exchange_with_grad
 
 from ..integration import openclip_compat
-from ..mixup import compute_dtype, mix_unit_rows
+from ..mixup import compute_dtype, no_autocast, slerp_coefficients
 from .mixing import MixingStateMixin
 from .options import SIGLIP_UNIMODAL_REASON, MixKeywords, MixOptions, Unpack
-from .terms import m2mix_sigmoid_term
+from .terms import m2mix_sigmoid_term, siglip_with_sigmoid_m2mix
 
 __all__ = ["M2MixSigLipLoss", "SIGLIP_UNIMODAL_REASON", "DIST_IMPLS"]
 
@@ -165,20 +165,27 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
         mixing = self.m2mix_weight > 0
         new_step = self._begin_call(image_features, text_features, mix_lambda, needs_negatives=mixing)
         num_rows = image_features.shape[0]
-        num_global = num_rows * self.world_size
-
-        contrastive = self._loss(image_features, text_features, logit_scale, logit_bias)
+        payload = text_features  # what travels to the other processes: (B, D), or (2B, D) with the mixes
         if mixing:
+            normaliser = 2 * num_rows * (num_rows * self.world_size - 1)
             self._check_unit_rows_once(image_features, text_features, agree_across_ranks=self.world_size > 1)
             lam = self._step_lambda("m2mix", self.m2mix_alpha, mix_lambda, new_step)
-            mixed = mix_unit_rows(image_features, text_features, lam, out_dtype=compute_dtype(image_features.dtype))
             scale, bias = self._mix_scale_and_bias(logit_scale, logit_bias)
-            normaliser = 2 * num_rows * (num_global - 1)
-            mix = m2mix_sigmoid_term(image_features, text_features, mixed, scale, bias, True, normaliser)
+            dtype = compute_dtype(image_features.dtype)
+            with no_autocast(image_features.device):
+                # The mixes as alpha_j x_j + beta_j y_j: this process's block of both terms comes
+                # from SigLIP's own products (siglip_with_sigmoid_m2mix), in float32.
+                image, text = image_features.to(dtype), text_features.to(dtype)
+                alpha, beta = slerp_coefficients(image, text, lam)  # (B,) each
+                contrastive, mix = siglip_with_sigmoid_m2mix(image, text, alpha, beta, logit_scale, logit_bias,
+                                                             scale, bias, normaliser)
+                if self.world_size > 1:
+                    mixed = alpha[:, None] * image + beta[:, None] * text  # (B, D)
+                    payload_dtype = torch.promote_types(text_features.dtype, mixed.dtype)
+                    payload = torch.cat([text_features.to(payload_dtype), mixed.to(payload_dtype)])
+        else:
+            contrastive = self._loss(image_features, text_features, logit_scale, logit_bias)
         if self.world_size > 1:
-            # One tensor travels: the captions, and (when mixing) the mixes below them, (2B, D).
-            dtype = torch.promote_types(text_features.dtype, mixed.dtype) if mixing else text_features.dtype
-            payload = torch.cat([text_features.to(dtype), mixed.to(dtype)]) if mixing else text_features
             for chunk, factor in self._chunks_of_other_ranks(payload):
                 text_chunk = chunk[:num_rows].to(text_features.dtype)
                 contrastive = contrastive + factor * self._loss(
