@@ -93,6 +93,11 @@ def test_m2mix_makes_the_collectives_of_openclips_loss(counted, family):
     clip_steps, _ = counted[family, "clip"]
     m2mix_steps, log = counted[family, "m2mix"]
     assert f"-> {FAMILIES[family]}" in log and "M2mix_loss" in log
+    if family == "siglip":  # --m2mix-weight left out: SigLIP's default for the global batch of 2 x 8
+        assert ("--loss m2mix: --m2mix-weight 0.3 (the --siglip default 0.02 x (G - 1) for the global batch G = 16: "
+                "--batch-size 8 x 2 processes x --accum-freq 1)") in log
+    else:
+        assert "--loss m2mix: --m2mix-weight 0.02 (the default)" in log
     for rank in range(WORLD):
         assert len(clip_steps[rank]) == len(m2mix_steps[rank]) == STEPS + 1
         assert clip_steps[rank][1] == OPENCLIP_STEP[family], "the counter sees OpenCLIP's loss"

@@ -56,8 +56,17 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
     every negative. The m²-Mix term divides by the number of anchor-negative pairs,
     :math:`2G(G-1)`: it is the mean loss of one (anchor, mixed negative) pair, the same size
     at any batch, and each anchor's gradient is an average over its negatives (a convex
-    combination, as in the softmax term). To weigh the mixes like SigLIP's own negatives at a
-    batch of :math:`G`, :math:`w \approx 2(G-1)`.
+    combination, as in the softmax term). Times :math:`G-1` it is SigLIP's normalisation (each
+    anchor's sum over its negatives, averaged over the anchors, images and captions alike):
+    ``--siglip --loss m2mix`` takes :math:`w = 0.02\,(G-1)` when ``--m2mix-weight`` is left out
+    (:func:`~m2mix_openclip.losses.options.siglip_default_weight`), which gives the term the
+    share of the gradient that the softmax families' default 0.02 gives theirs; in Python the
+    default stays 0.02, a mean over pairs, which is nearly inert beside SigLIP's sum.
+
+    Cost: this process's own block of both terms comes from three (B, B) products, SigLIP's
+    :math:`XY^\top` and the Gram matrices :math:`XX^\top`, :math:`YY^\top`, the mixes being
+    :math:`m_j = \alpha_j x_j + \beta_j y_j` (:func:`~.terms.siglip_with_sigmoid_m2mix`), and
+    four in the backward pass: seven (B, B, D) products where SigLIP alone makes three.
 
     Several processes: as ``SigLipLoss``, each process anchors its own :math:`B = G/W` images
     (and captions) and divides by its own :math:`B` (and :math:`2B(G-1)`), so the mean of the
@@ -72,7 +81,8 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
     Args: ``SigLipLoss``'s own (``cache_labels``, ``rank``, ``world_size``, ``dist_impl``: one of
     ``DIST_IMPLS``, default ``"bidir"``, on every release, as the exchange here is this class's
     own), ``m2mix_bias`` (``None``: see above), then ``options``, ``seed``, ``calls_per_step``
-    and the mixing options as in ``M2MixLoss``: ``m2mix_weight`` (default 0.02), ``m2mix_alpha``
+    and the mixing options as in ``M2MixLoss``: ``m2mix_weight`` (default 0.02; see above for
+    the command line's), ``m2mix_alpha``
     (0.5), ``m2mix_temperature`` (0.07; ``None`` for the model's scale and bias),
     ``mix_schedule`` (and the uni-modal ones, accepted for a common signature, weights 0).
     ``ValueError`` (the same text as every family's, from ``MixOptions``) names a bad option.

@@ -255,13 +255,15 @@ class _SiglipWithSigmoidMix(torch.autograd.Function):
         image_gram = image @ image.T  # P
         text_gram = text @ text.T  # Q (symmetric)
         s_alpha, s_beta = alpha * mix_scale, beta * mix_scale  # (B,)
-        mix_bias_t = torch.as_tensor(mix_bias, dtype=image.dtype, device=image.device)  # 0-d, no sync
+        ctx.tensor_scalars = tuple(isinstance(v, torch.Tensor) for v in (scale, bias, mix_scale, mix_bias))
+        if not isinstance(mix_bias, torch.Tensor):  # a fill on the device, not a copy from the host
+            mix_bias = image.new_full((), mix_bias)
 
         # A_ij = s <x_i, m_j> + beta_m = s (alpha_j P_ij + beta_j S_ij) + beta_m; own mix (j = i) excluded
-        mix_image = torch.addcmul(mix_bias_t, image_gram, s_alpha[None, :]).addcmul_(products, s_beta[None, :])
+        mix_image = torch.addcmul(mix_bias, image_gram, s_alpha[None, :]).addcmul_(products, s_beta[None, :])
         mix_image.diagonal().fill_(-math.inf)
         # C^T_ji = s <y_i, m_j> + beta_m = s (alpha_j S_ji + beta_j Q_ji) + beta_m
-        mix_text_t = torch.addcmul(mix_bias_t, text_gram, s_beta[:, None]).addcmul_(products, s_alpha[:, None])
+        mix_text_t = torch.addcmul(mix_bias, text_gram, s_beta[:, None]).addcmul_(products, s_alpha[:, None])
         mix_text_t.diagonal().fill_(-math.inf)
         mix_value = (F.softplus(mix_image).sum() + F.softplus(mix_text_t).sum()) / mix_normaliser
         grad_a = mix_image.sigmoid_()  # n dL_mix/dA (0 on the diagonal); 1/n is applied in backward
@@ -281,7 +283,6 @@ class _SiglipWithSigmoidMix(torch.autograd.Function):
 
         ctx.save_for_backward(image, text, alpha, beta, grad_z, grad_a, grad_ct, d_alpha, d_beta, d_scale)
         ctx.constants = (num, mix_normaliser, scale, mix_scale)
-        ctx.tensor_scalars = tuple(isinstance(v, torch.Tensor) for v in (scale, bias, mix_scale, mix_bias))
         return siglip_value, mix_value
 
     @staticmethod
