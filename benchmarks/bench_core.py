@@ -99,6 +99,32 @@ def loss_ratio(batch, dim, repeats, device="cpu", family="clip", autocast_dtype=
     return {"batch": batch, "dim": dim, "clip_ms": 1e3 * c, "m2mix_ms": 1e3 * m, "ratio": m / c}
 
 
+def products_floor(batch, dim, repeats, device="cpu"):
+    """What the (B, B, D) products alone cost: the seven of M2MixSigLipLoss's own block (three
+    forward, four backward) over SigLIP's three, in one interleaved run (medians): the ratio the
+    sigmoid loss would have if nothing but its products took time."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, dim, generator=g).to(device), torch.randn(batch, dim, generator=g).to(device)
+    gram = torch.rand(batch, batch, generator=g).to(device)
+
+    def timed(count):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(count):
+            (x @ y.T) if i % 3 == 0 else (gram @ y) if i % 3 == 1 else (gram.T @ x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed(3)
+    siglip_t, ours_t = [], []
+    for _ in range(repeats):
+        siglip_t.append(timed(3))
+        ours_t.append(timed(7))
+    return statistics.median(ours_t) / statistics.median(siglip_t)
+
+
 def geometry_child(n, dim):
     g = torch.Generator().manual_seed(0)
     x = F.normalize(torch.randn(n, dim, generator=g), dim=1)
@@ -155,8 +181,10 @@ def main():
         for batch in args.sizes:
             r = loss_ratio(batch, args.dim, args.repeats if batch < 4096 else max(3, args.repeats // 2), args.device,
                            family=family, autocast_dtype=autocast_dtype)
+            floor = (f"  (its products alone: {products_floor(batch, args.dim, args.repeats, args.device):.2f})"
+                     if family == "siglip" else "")
             print(f"  B={r['batch']:5d} D={r['dim']}: {reference} {r['clip_ms']:8.1f} ms  "
-                  f"{ours} {r['m2mix_ms']:8.1f} ms  ratio {r['ratio']:.2f}", flush=True)
+                  f"{ours} {r['m2mix_ms']:8.1f} ms  ratio {r['ratio']:.2f}{floor}", flush=True)
     print("embedding_geometry (all 8 metrics), fresh process per N")
     for n in args.geometry:
         out = subprocess.run([sys.executable, __file__, "--child", str(n), "--dim", str(args.dim)],
