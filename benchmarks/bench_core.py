@@ -5,13 +5,15 @@ embedding_geometry time and memory.
     python benchmarks/bench_core.py --device cuda --autocast bf16 --geometry   # on a GPU: also proves no host sync
 
 Families: clip (M2MixLoss / ClipLoss), siglip (M2MixSigLipLoss at the --siglip default weight /
-SigLipLoss), coca (M2MixCoCaLoss / CoCaLoss, small caption logits) and distill (M2MixDistillLoss /
-DistillClipLoss). With ``--device cuda`` every m²-Mix step runs under
+SigLipLoss; siglip-apart: the same with ``reuse_products = False``), coca (M2MixCoCaLoss /
+CoCaLoss, small caption logits) and distill (M2MixDistillLoss / DistillClipLoss). With
+``--device cuda`` every m²-Mix step runs under
 ``torch.cuda.set_sync_debug_mode("error")``, so any device-to-host synchronisation inside the
 loss raises, and TF32 matmuls are on, as OpenCLIP's trainer sets them.
 
 Ratios are measured in one run with the two losses interleaved (medians of repeats),
-so a noisy machine moves both sides alike. Peak memory of embedding_geometry is measured
+so a noisy machine moves both sides alike; ``--clock cpu`` times the CPU of one thread, which
+other work on a shared machine barely moves. Peak memory of embedding_geometry is measured
 in a fresh subprocess per N (peak RSS above the RSS with the inputs already allocated).
 """
 
@@ -29,10 +31,13 @@ from open_clip.loss import ClipLoss, SigLipLoss
 
 from m2mix_openclip import M2MixLoss, M2MixSigLipLoss, embedding_geometry
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
-def step_time(loss_fn, x0, y0, rest, strict_sync=False, autocast_dtype=None):
+
+def step_time(loss_fn, x0, y0, rest, strict_sync=False, autocast_dtype=None, clock="wall"):
     """Seconds of one forward (under autocast when ``autocast_dtype``, as the trainer runs it)
-    and backward of ``loss_fn(normalize(x), normalize(y), *rest)``."""
+    and backward of ``loss_fn(normalize(x), normalize(y), *rest)``; ``clock="cpu"``: the
+    process's CPU time (with one thread: what other processes on a shared machine barely move)."""
     x = x0.clone().requires_grad_()
     y = y0.clone().requires_grad_()
     cuda = x.device.type == "cuda"
@@ -40,7 +45,8 @@ def step_time(loss_fn, x0, y0, rest, strict_sync=False, autocast_dtype=None):
                 else contextlib.nullcontext())
     if cuda:
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    now = CLOCKS[clock]
+    start = now()
     if strict_sync:
         torch.cuda.set_sync_debug_mode("error")
     try:
@@ -53,7 +59,7 @@ def step_time(loss_fn, x0, y0, rest, strict_sync=False, autocast_dtype=None):
             torch.cuda.set_sync_debug_mode(0)
     if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return now() - start
 
 
 def family_losses(family, batch, dim, device):
@@ -64,9 +70,11 @@ def family_losses(family, batch, dim, device):
     from m2mix_openclip.losses.options import siglip_default_weight
 
     g = torch.Generator().manual_seed(1)
-    if family == "siglip":  # SigLIP's initial scale and bias; the --siglip default weight
+    if family in ("siglip", "siglip-apart"):  # SigLIP's initial scale and bias; the --siglip default weight
         rest = (torch.tensor(10.0, device=device), torch.tensor(-10.0, device=device))
-        return SigLipLoss(), M2MixSigLipLoss(m2mix_weight=siglip_default_weight(batch)), rest
+        m2mix = M2MixSigLipLoss(m2mix_weight=siglip_default_weight(batch))
+        m2mix.reuse_products = family == "siglip"  # siglip-apart: the two terms computed apart
+        return SigLipLoss(), m2mix, rest
     scale = torch.tensor(100.0, device=device)
     if family == "clip":
         return ClipLoss(), M2MixLoss(), (scale,)
@@ -80,7 +88,7 @@ def family_losses(family, batch, dim, device):
     raise ValueError(f"unknown family {family!r}")
 
 
-def loss_ratio(batch, dim, repeats, device="cpu", family="clip", autocast_dtype=None, strict=None):
+def loss_ratio(batch, dim, repeats, device="cpu", family="clip", autocast_dtype=None, strict=None, clock="wall"):
     """Median fwd+bwd time of the m²-Mix loss over OpenCLIP's loss of ``family`` (clip, siglip,
     coca, distill), interleaved; on CUDA (or with ``strict``) the m²-Mix steps run under
     ``torch.cuda.set_sync_debug_mode("error")``."""
@@ -93,13 +101,13 @@ def loss_ratio(batch, dim, repeats, device="cpu", family="clip", autocast_dtype=
     step_time(m2mix, x, y, rest, autocast_dtype=autocast_dtype)
     reference_t, m2mix_t = [], []
     for _ in range(repeats):
-        reference_t.append(step_time(reference, x, y, rest, autocast_dtype=autocast_dtype))
-        m2mix_t.append(step_time(m2mix, x, y, rest, strict_sync=strict, autocast_dtype=autocast_dtype))
+        reference_t.append(step_time(reference, x, y, rest, autocast_dtype=autocast_dtype, clock=clock))
+        m2mix_t.append(step_time(m2mix, x, y, rest, strict_sync=strict, autocast_dtype=autocast_dtype, clock=clock))
     c, m = statistics.median(reference_t), statistics.median(m2mix_t)
     return {"batch": batch, "dim": dim, "clip_ms": 1e3 * c, "m2mix_ms": 1e3 * m, "ratio": m / c}
 
 
-def products_floor(batch, dim, repeats, device="cpu"):
+def products_floor(batch, dim, repeats, device="cpu", clock="wall"):
     """What the (B, B, D) products alone cost: the seven of M2MixSigLipLoss's own block (three
     forward, four backward) over SigLIP's three, in one interleaved run (medians): the ratio the
     sigmoid loss would have if nothing but its products took time."""
@@ -110,12 +118,12 @@ def products_floor(batch, dim, repeats, device="cpu"):
     def timed(count):
         if device == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = CLOCKS[clock]()
         for i in range(count):
             (x @ y.T) if i % 3 == 0 else (gram @ y) if i % 3 == 1 else (gram.T @ x)
         if device == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return CLOCKS[clock]() - start
 
     timed(3)
     siglip_t, ours_t = [], []
@@ -148,11 +156,12 @@ def _rss_kib(field):
 
 
 LOSS_NAMES = {"clip": ("ClipLoss", "M2MixLoss"), "siglip": ("SigLipLoss", "M2MixSigLipLoss"),
+              "siglip-apart": ("SigLipLoss", "M2MixSigLipLoss (reuse_products=False)"),
               "coca": ("CoCaLoss", "M2MixCoCaLoss"), "distill": ("DistillClipLoss", "M2MixDistillLoss")}
 # what each ratio is held to: the softmax term's target, and the sigmoid term's floor in B x B x D
 # products (7 against SigLIP's 3: docs/performance.md)
 LOSS_TARGETS = {"clip": "target <= 2.0", "siglip": "floor of the products 7/3 = 2.33",
-                "coca": "as clip", "distill": "as clip"}
+                "siglip-apart": "floor of the products 9/3 = 3", "coca": "as clip", "distill": "as clip"}
 
 
 def main():
@@ -165,23 +174,33 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: sync debug mode 'error').")
     parser.add_argument("--autocast", choices=("none", "bf16"), default="none",
                         help="Forward passes under torch.autocast, as the trainer's --precision amp_bf16 runs them.")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall (default), or cpu: the CPU time of one thread (torch.set_num_threads(1)), "
+                             "for a CPU shared with other work.")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return geometry_child(args.child, args.dim)
+    if args.clock == "cpu":
+        if args.device != "cpu":
+            parser.error("--clock cpu measures the CPU")
+        torch.set_num_threads(1)
 
     autocast_dtype = torch.bfloat16 if args.autocast == "bf16" else None
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as OpenCLIP's trainer sets it on a GPU
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, autocast {args.autocast}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, autocast {args.autocast}, "
+          f"{args.clock} clock")
     for family in args.families:
         reference, ours = LOSS_NAMES[family]
         print(f"{ours} (defaults) vs {reference}, forward + backward ({LOSS_TARGETS[family]})"
               + (f" ({ours} steps under sync debug mode 'error')" if args.device == "cuda" else ""))
         for batch in args.sizes:
-            r = loss_ratio(batch, args.dim, args.repeats if batch < 4096 else max(3, args.repeats // 2), args.device,
-                           family=family, autocast_dtype=autocast_dtype)
-            floor = (f"  (its products alone: {products_floor(batch, args.dim, args.repeats, args.device):.2f})"
+            repeats = args.repeats if batch < 4096 else max(3, args.repeats // 2)
+            r = loss_ratio(batch, args.dim, repeats, args.device, family=family, autocast_dtype=autocast_dtype,
+                           clock=args.clock)
+            floor = ("  (its products alone: "
+                     f"{products_floor(batch, args.dim, args.repeats, args.device, args.clock):.2f})"
                      if family == "siglip" else "")
             print(f"  B={r['batch']:5d} D={r['dim']}: {reference} {r['clip_ms']:8.1f} ms  "
                   f"{ours} {r['m2mix_ms']:8.1f} ms  ratio {r['ratio']:.2f}{floor}", flush=True)

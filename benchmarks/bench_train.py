@@ -13,6 +13,9 @@ round) so that machine noise hits both alike.
 
 - samples/s: global batch / the median time between optimizer steps after the warm-up steps;
   a family's figure is the median over rounds; the ratio is m2mix / clip (target >= 0.97).
+- on the CPU, the loss's own CPU time in each step (``train_probe.LossTimer``: its forward and
+  its backward) and the ratio it alone allows, 1 / (1 + (m2mix's - clip's) / clip's step CPU
+  time), which machine noise moves far less than samples/s;
 - peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the steps after the warm-up; on
   the CPU the peak resident set of the process over those steps (counts the allocator's and the
   data loader's pages too). The ratio is m2mix / clip (target <= 1.10); "step" is the peak above
@@ -28,6 +31,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -142,28 +146,36 @@ def data_flags(work, data, batch_size, steps, image_size):
     return ["--train-data", written["pretrain"]["csv"], "--csv-img-key", "filepath", "--csv-caption-key", "title"]
 
 
-def run_once(work, name, model, extra, loss, common, warmup, batch_size):
-    """One training run through the probe: {"samples_per_s", "peak_bytes", "step_bytes"}."""
+def run_once(work, name, model, extra, loss, common, warmup, batch_size, clock="wall"):
+    """One training run through the probe: {"samples_per_s", "peak_bytes", "step_bytes"};
+    ``clock="cpu"``: per CPU second of the process, run with one thread."""
     out = os.path.join(work, f"{name}.json")
+    shutil.rmtree(os.path.join(work, "none", name), ignore_errors=True)  # an earlier run's out.log
     cmd = [sys.executable, os.path.join(HERE, "train_probe.py"), out, str(warmup), "--", "--model", model,
            *common, "--name", name, "--loss", loss, *extra]
     # cwd: OpenCLIP writes none/NAME/out.log even with --logs none (which only skips the checkpoint)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **({"OMP_NUM_THREADS": "1"} if clock == "cpu" else {}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=env)
     if proc.returncode != 0 or not os.path.exists(out):
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"training run {name} failed (exit {proc.returncode}):\n{tail}")
     with open(out) as f:
         probe = json.load(f)
-    intervals = [b - a for a, b in zip(probe["step_end_times"][warmup - 1:], probe["step_end_times"][warmup:])]
+    ends = probe["step_end_cpu_times" if clock == "cpu" else "step_end_times"]
+    intervals = [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:])]
     if len(intervals) < 2:
         raise RuntimeError(f"training run {name}: {len(probe['step_end_times'])} steps, "
                            f"{warmup} warm-up; raise --steps")
+    loss_seconds = probe.get("loss_cpu_seconds")  # CPU time, as the steps' CPU time below
+    cpu = probe["step_end_cpu_times"]
     return {"samples_per_s": batch_size / statistics.median(intervals), "peak_bytes": probe["peak_bytes"],
-            "step_bytes": probe["peak_bytes"] - probe["base_bytes"]}
+            "step_bytes": probe["peak_bytes"] - probe["base_bytes"],
+            "step_seconds": statistics.median(b - a for a, b in zip(cpu[warmup - 1:], cpu[warmup:])),
+            "loss_seconds": statistics.median(loss_seconds[warmup:]) if loss_seconds else None}
 
 
 def measure(families=FAMILIES, size="bench", device="cpu", precision="fp32", batch_size=64, steps=12, warmup=4,
-            rounds=2, data="digits", workers=0, work=None, log=print, deadline=None):
+            rounds=2, data="digits", workers=0, work=None, log=print, deadline=None, clock="wall"):
     """{family: {"clip": [runs], "m2mix": [runs], "throughput_ratio", "memory_ratio", ...}}; ``deadline``
     (a ``time.monotonic()`` value) skips the rounds that would not end before it (one always runs)."""
     work = os.path.abspath(work or tempfile.mkdtemp(prefix="m2mix-bench-train-"))
@@ -184,33 +196,43 @@ def measure(families=FAMILIES, size="bench", device="cpu", precision="fp32", bat
         for family in families:
             model, extra = setups[family]
             for loss in (("clip", "m2mix") if r % 2 == 0 else ("m2mix", "clip")):
-                result = run_once(work, f"{family}-{loss}-{r}", model, extra, loss, common, warmup, batch_size)
+                result = run_once(work, f"{family}-{loss}-{r}", model, extra, loss, common, warmup, batch_size, clock)
                 runs[family][loss].append(result)
                 log(f"  round {r + 1} {family:7s} --loss {loss:5s}: {result['samples_per_s']:8.1f} samples/s, "
                     f"peak {result['peak_bytes'] / 2**20:8.1f} MiB (step {result['step_bytes'] / 2**20:7.1f} MiB)",
                     flush=True)
         round_seconds = time.monotonic() - started
+    keys = ("samples_per_s", "peak_bytes", "step_bytes", "step_seconds", "loss_seconds")
     for by_loss in runs.values():
         median = {loss: {key: statistics.median(run[key] for run in by_loss[loss])
-                         for key in ("samples_per_s", "peak_bytes", "step_bytes")} for loss in ("clip", "m2mix")}
+                         if all(run[key] is not None for run in by_loss[loss]) else None for key in keys}
+                  for loss in ("clip", "m2mix")}
         by_loss.update(median=median, rounds=len(by_loss["clip"]),
                        throughput_ratio=median["m2mix"]["samples_per_s"] / median["clip"]["samples_per_s"],
                        memory_ratio=median["m2mix"]["peak_bytes"] / median["clip"]["peak_bytes"])
+        if median["clip"]["loss_seconds"] is not None:
+            # what the loss alone adds to a step, against the step: the ratio noise cannot move
+            extra = median["m2mix"]["loss_seconds"] - median["clip"]["loss_seconds"]
+            by_loss["loss_only_ratio"] = 1 / (1 + extra / median["clip"]["step_seconds"])
     return runs
 
 
 def table(results, title):
     memory = "peak memory (CUDA allocated)" if title.startswith("cuda") else "peak resident set"
+    timed = all("loss_only_ratio" in r for r in results.values())
     lines = [f"{title}", "",
              f"| family | clip samples/s | m2mix samples/s | ratio (>= {THROUGHPUT_TARGET}) | clip {memory} | "
-             f"m2mix {memory} | ratio (<= {MEMORY_TARGET}) | step memory clip / m2mix |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"m2mix {memory} | ratio (<= {MEMORY_TARGET}) | step memory clip / m2mix |"
+             + (" loss CPU time per step, clip / m2mix (of the step) | ratio from the loss alone |" if timed else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if timed else "")]
     for family, r in results.items():
         c, m = r["median"]["clip"], r["median"]["m2mix"]
         lines.append(f"| {family} | {c['samples_per_s']:.1f} | {m['samples_per_s']:.1f} | "
                      f"{r['throughput_ratio']:.3f} | {c['peak_bytes'] / 2**20:.0f} MiB | "
                      f"{m['peak_bytes'] / 2**20:.0f} MiB | {r['memory_ratio']:.3f} | "
-                     f"{c['step_bytes'] / 2**20:.0f} / {m['step_bytes'] / 2**20:.0f} MiB |")
+                     f"{c['step_bytes'] / 2**20:.0f} / {m['step_bytes'] / 2**20:.0f} MiB |"
+                     + (f" {1e3 * c['loss_seconds']:.1f} / {1e3 * m['loss_seconds']:.1f} ms of "
+                        f"{1e3 * c['step_seconds']:.0f} ms | {r['loss_only_ratio']:.4f} |" if timed else ""))
     return "\n".join(lines)
 
 
@@ -226,13 +248,19 @@ def main():
     p.add_argument("--data", choices=("digits", "synthetic"), default="digits")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall (default), or cpu: samples per CPU second of a one-thread run, for a CPU shared "
+                        "with other work.")
     p.add_argument("--work-dir", default=None)
     args = p.parse_args()
+    if args.clock == "cpu" and (args.device != "cpu" or args.workers):
+        p.error("--clock cpu measures one thread on the CPU, with --workers 0")
     results = measure(args.families, args.size, args.device, args.precision, args.batch_size, args.steps,
-                      args.warmup, args.rounds, args.data, args.workers, args.work_dir)
+                      args.warmup, args.rounds, args.data, args.workers, args.work_dir, clock=args.clock)
     rounds = min(r["rounds"] for r in results.values())
     print(table(results, f"{args.device}, {args.precision}, model {args.size}, batch {args.batch_size}, "
-                         f"{args.data} data, {args.steps} steps ({args.warmup} warm-up), {rounds} rounds (medians)"))
+                         f"{args.data} data, {args.steps} steps ({args.warmup} warm-up), {rounds} rounds (medians), "
+                         f"{args.clock} clock"))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
    ``torch.cuda.set_sync_debug_mode("error")`` (on the CPU: on ``meta`` tensors, which fail at
    any host read), after one warm-up call (the first call checks its inputs, one sync);
 2. the fwd+bwd time of each m²-Mix loss over OpenCLIP's loss of its family at B = 4096 and 16384
-   (``bench_core.loss_ratio``, D = 512; TF32 matmuls on, as OpenCLIP's trainer sets them);
+   (``bench_core.loss_ratio``, D = 512; TF32 matmuls on, as OpenCLIP's trainer sets them), for
+   SigLIP also with ``reuse_products = False`` (the terms apart: which of the two a GPU prefers);
 3. training throughput and peak memory of ``--loss m2mix`` over ``--loss clip`` for each family
    through OpenCLIP's trainer at ViT-B-32 (random weights), batch 256, synthetic data,
    ``--precision amp_bf16`` (``bench_train.measure``); a second round only when it fits the
@@ -188,15 +189,17 @@ def run(args):
 
     print("2. loss forward + backward, m2mix / OpenCLIP's", flush=True)
     autocast = None if smoke else torch.bfloat16
-    for family in FAMILIES:
+    for family in ("clip", "siglip", "siglip-apart", "coca", "distill"):
         for batch in settings["loss_sizes"]:
             try:
-                r = loss_ratio(batch, settings["dim"], settings["repeats"], device, family, autocast, strict=False)
+                r = loss_ratio(batch, settings["dim"], settings["repeats"], device, family, autocast)
             except Exception as e:
                 failures.append(f"{family}: loss ratio at B={batch}: {type(e).__name__}: {e}")
                 traceback.print_exc()
                 continue
-            report["families"][family][f"loss_ratio_{batch}"] = r
+            # siglip-apart: M2MixSigLipLoss with reuse_products = False, shown beside siglip's
+            row, key = ("siglip", "loss_ratio_apart") if family == "siglip-apart" else (family, "loss_ratio")
+            report["families"][row][f"{key}_{batch}"] = r
             print(f"  {family:7s} B={batch:6d}: {r['clip_ms']:8.2f} ms -> {r['m2mix_ms']:8.2f} ms, "
                   f"ratio {r['ratio']:.2f}", flush=True)
             if not smoke and family == "clip" and r["ratio"] > TARGETS["softmax_loss"]:
@@ -243,7 +246,11 @@ def summary_table(report, settings, smoke, seconds):
         cells = [family, "none" if r.get("sync") == "none" else f"FAILED ({r.get('sync')})",
                  f"{trained['throughput_ratio']:.3f}" if trained else "not run",
                  f"{trained['memory_ratio']:.3f}" if trained else "not run"]
-        cells += [f"{r[f'loss_ratio_{b}']['ratio']:.2f}" if f"loss_ratio_{b}" in r else "not run" for b in sizes]
+        for b in sizes:
+            cell = f"{r[f'loss_ratio_{b}']['ratio']:.2f}" if f"loss_ratio_{b}" in r else "not run"
+            if f"loss_ratio_apart_{b}" in r:
+                cell += f" (terms apart: {r[f'loss_ratio_apart_{b}']['ratio']:.2f})"
+            cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     rounds = min((r["train"]["rounds"] for r in report["families"].values() if "train" in r), default=0)
     lines += ["", f"Training: {train['size']}, batch {train['batch_size']}, {train['precision']}, "

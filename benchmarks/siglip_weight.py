@@ -141,7 +141,7 @@ def main():
             for label in found[0]:
                 print(f"| {family} (scale {scale.item():.1f}" + ("" if bias is None else f", bias {bias.item():.1f}")
                       + f", gap {geometry['modality_gap']:.2f}) | {state} | {label} | "
-                      + " | ".join(f"{f[label]:.4f}" for f in found) + " |", flush=True)
+                      + " | ".join(f"{f[label]:.2g}" for f in found) + " |", flush=True)
     if not args.finetune:
         return
     print(f"\nFine-tuning {args.finetune_epochs} epochs from the pre-trained models (finetune split, batch 64); "

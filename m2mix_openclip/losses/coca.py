@@ -32,6 +32,9 @@ class M2MixCoCaLoss(SoftmaxMixingMixin, CoCaLoss):
     ``use_horovod``), then those of ``M2MixLoss`` after its ``use_horovod``: ``options``,
     ``seed``, ``calls_per_step`` and the mixing options (``m2mix_weight``, ...).
 
+    With several processes the features are gathered once per call, as ``CoCaLoss`` alone gathers
+    them: its contrastive logits (:meth:`get_logits`) and the mixing terms share that batch.
+
     ``forward`` takes a CoCa model's outputs and returns ``{"contrastive_loss", "caption_loss",
     "m2mix_loss", ...}`` (one key per enabled mixing term) with ``output_dict=True``, else the
     tuple of those values in that order. No host sync; non-finite features give a non-finite

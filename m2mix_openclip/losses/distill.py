@@ -27,6 +27,10 @@ class M2MixDistillLoss(SoftmaxMixingMixin, DistillClipLoss):
     Args: those of ``M2MixLoss``: ``DistillClipLoss``'s own (``ClipLoss``'s), then ``options``,
     ``seed``, ``calls_per_step`` and the mixing options.
 
+    With several processes the student's features are gathered once per call, as
+    ``DistillClipLoss`` alone gathers them (its logits, :meth:`get_logits`, and the mixing terms
+    share that batch); the teacher's are gathered by ``DistillClipLoss``, as with ``--loss clip``.
+
     ``forward`` returns ``{"contrastive_loss", "distill_loss", "m2mix_loss", ...}`` with
     ``output_dict=True``, else the tuple of those values in that order.
     """

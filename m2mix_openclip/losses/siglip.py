@@ -66,7 +66,12 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
     Cost: this process's own block of both terms comes from three (B, B) products, SigLIP's
     :math:`XY^\top` and the Gram matrices :math:`XX^\top`, :math:`YY^\top`, the mixes being
     :math:`m_j = \alpha_j x_j + \beta_j y_j` (:func:`~.terms.siglip_with_sigmoid_m2mix`), and
-    four in the backward pass: seven (B, B, D) products where SigLIP alone makes three.
+    four in the backward pass: seven (B, B, D) products where SigLIP alone makes three, and
+    where the two terms computed apart (SigLIP's ``_loss`` and the mixes' own products) make nine;
+    in exchange, more (B, B) element-wise passes, and SigLIP's block in float32 under autocast.
+    Setting ``reuse_products = False`` (on the class or an instance) computes the terms apart,
+    with the same values: the cheaper choice where a product costs little beside a pass (a GPU
+    with TF32 or bf16 may be one; ``benchmarks/bench_core.py`` measures both).
 
     Several processes: as ``SigLipLoss``, each process anchors its own :math:`B = G/W` images
     (and captions) and divides by its own :math:`B` (and :math:`2B(G-1)`), so the mean of the
@@ -99,6 +104,8 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
         >>> sorted(loss(x, y, torch.tensor(10.0), torch.tensor(-10.0), output_dict=True))
         ['contrastive_loss', 'm2mix_loss']
     """
+
+    reuse_products = True  # this process's block of both terms from SigLIP's products (see "Cost" above)
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  dist_impl: Optional[str] = None, m2mix_bias: Optional[float] = None, *,
@@ -183,16 +190,20 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
             scale, bias = self._mix_scale_and_bias(logit_scale, logit_bias)
             dtype = compute_dtype(image_features.dtype)
             with no_autocast(image_features.device):
-                # The mixes as alpha_j x_j + beta_j y_j: this process's block of both terms comes
-                # from SigLIP's own products (siglip_with_sigmoid_m2mix), in float32.
+                # The mixes as alpha_j x_j + beta_j y_j, in float32.
                 image, text = image_features.to(dtype), text_features.to(dtype)
                 alpha, beta = slerp_coefficients(image, text, lam)  # (B,) each
-                contrastive, mix = siglip_with_sigmoid_m2mix(image, text, alpha, beta, logit_scale, logit_bias,
-                                                             scale, bias, normaliser)
-                if self.world_size > 1:
+                if self.world_size > 1 or not self.reuse_products:
                     mixed = alpha[:, None] * image + beta[:, None] * text  # (B, D)
-                    payload_dtype = torch.promote_types(text_features.dtype, mixed.dtype)
-                    payload = torch.cat([text_features.to(payload_dtype), mixed.to(payload_dtype)])
+                if self.reuse_products:  # this process's block of both terms from SigLIP's own products
+                    contrastive, mix = siglip_with_sigmoid_m2mix(image, text, alpha, beta, logit_scale, logit_bias,
+                                                                 scale, bias, normaliser)
+            if not self.reuse_products:
+                contrastive = self._loss(image_features, text_features, logit_scale, logit_bias)
+                mix = m2mix_sigmoid_term(image_features, text_features, mixed, scale, bias, True, normaliser)
+            if self.world_size > 1:
+                payload_dtype = torch.promote_types(text_features.dtype, mixed.dtype)
+                payload = torch.cat([text_features.to(payload_dtype), mixed.to(payload_dtype)])
         else:
             contrastive = self._loss(image_features, text_features, logit_scale, logit_bias)
         if self.world_size > 1:
