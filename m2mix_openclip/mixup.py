@@ -92,6 +92,37 @@ def _slerp(a: torch.Tensor, b: torch.Tensor, lam: Union[float, torch.Tensor]) ->
     return _walk(b, a, cos_ab, lam * theta, tol)
 
 
+def slerp_coefficients(a: torch.Tensor, b: torch.Tensor, lam: float):
+    r"""``(alpha, beta)``, each (N,), with :math:`\mathrm{slerp}(a_i, b_i, \lambda) = \alpha_i a_i + \beta_i b_i`.
+
+    The same walk as :func:`mix_unit_rows` (from the nearer end point, ``theta`` from ``atan2``)
+    written as the coefficients of the two end points, so that a loss can turn products it
+    already holds (:math:`\langle u, a_j\rangle`, :math:`\langle u, b_j\rangle`) into products
+    with the mixes. Differentiable, branch-free, no device sync. Where the great circle is
+    undefined (rows antipodal to within ``10 * eps``) ``mix_unit_rows`` walks along a fallback
+    tangent, which is no combination of the two rows: there the combination is the start point
+    times :math:`\cos\varphi` (finite, shorter than a unit vector). ``a``, ``b``: (N, D) unit rows
+    in float32 or float64; ``lam`` in [0, 1].
+    """
+    tol = 10 * torch.finfo(a.dtype).eps
+    cos_ab = (a * b).sum(dim=1).clamp(-1.0, 1.0)
+
+    def tangent_step(w, phi):  # sin(phi) / |w|, and 0 where w vanishes (as _walk's fallback)
+        norm_sq = (w * w).sum(dim=1)
+        step = torch.sin(phi) / norm_sq.clamp_min(tol * tol).sqrt()
+        return torch.where(norm_sq <= tol * tol, torch.zeros_like(step), step)
+
+    w_from_a = b - cos_ab[:, None] * a
+    theta = torch.atan2((w_from_a * w_from_a).sum(dim=1).clamp_min(tol * tol).sqrt(), cos_ab)
+    if lam >= 0.5:  # m = cos(phi) a + sin(phi) (b - c a) / |b - c a|, phi = (1 - lam) theta
+        phi = (1 - lam) * theta
+        step = tangent_step(w_from_a, phi)
+        return torch.cos(phi) - cos_ab * step, step
+    phi = lam * theta  # m = cos(phi) b + sin(phi) (a - c b) / |a - c b|
+    step = tangent_step(a - cos_ab[:, None] * b, phi)
+    return step, torch.cos(phi) - cos_ab * step
+
+
 def mix_unit_rows(a: torch.Tensor, b: torch.Tensor, lam: float,
                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``geodesic_mix`` without argument checks, for the training step: no device sync, no

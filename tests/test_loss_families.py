@@ -78,6 +78,29 @@ def test_sigmoid_term_matches_the_pairwise_transcription(temperature, bias_arg, 
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("temperature", [None, 0.07])
+def test_siglip_block_from_reused_products_equals_the_terms_computed_apart(temperature):
+    """reuse_products (SigLIP's products turned into the mixes' by the slerp coefficients, one
+    grouped backward pass) against SigLipLoss._loss and m2mix_sigmoid_term apart: values and
+    gradients, scale and bias included."""
+    results = []
+    for reuse in (True, False):
+        raw_x = torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).requires_grad_()
+        raw_y = torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).requires_grad_()
+        scale = torch.tensor(9.0, dtype=torch.float64, requires_grad=True)
+        bias = torch.tensor(-5.0, dtype=torch.float64, requires_grad=True)
+        loss = M2MixSigLipLoss(m2mix_weight=0.8, m2mix_temperature=temperature, mix_schedule="constant", seed=1)
+        loss.reuse_products = reuse
+        terms = loss(F.normalize(raw_x, dim=1), F.normalize(raw_y, dim=1), scale, bias, output_dict=True)
+        grads = torch.autograd.grad(terms["contrastive_loss"] + 3 * terms["m2mix_loss"], [raw_x, raw_y, scale, bias])
+        results.append((terms, grads))
+    (reused, reused_grads), (apart, apart_grads) = results
+    for name in ("contrastive_loss", "m2mix_loss"):
+        torch.testing.assert_close(reused[name], apart[name], rtol=1e-12, atol=1e-14)
+    for got, want in zip(reused_grads, apart_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
 def test_sigmoid_term_size_does_not_grow_with_the_batch():
     """A mean over (anchor, negative) pairs: the same size at G = 8 and G = 256 (a per-anchor
     normalisation, as SigLIP's, would be 36x larger at 256 than at 8)."""

@@ -146,3 +146,57 @@ def test_unknown_keywords_and_wrong_options_are_named():
         M2MixCoCaLoss(1.0, 1.0, options={"m2mix_weight": 0.1})
     with pytest.raises(ValueError, match="calls_per_step must be an integer >= 1"):
         M2MixSigLipLoss(calls_per_step=0)
+
+
+# -- --m2mix-weight: the family's default, resolved when the arguments are parsed ---------------------
+@pytest.mark.parametrize("argv,world,expected", [
+    ([], "1", 0.02),
+    (["--siglip"], "1", 0.02 * (64 - 1)),  # the trainer's default --batch-size 64
+    (["--siglip", "--batch-size", "8", "--accum-freq", "2"], "4", 0.02 * (8 * 4 * 2 - 1)),
+    (["--siglip", "--m2mix-weight", "0.5"], "4", 0.5),  # a weight the user passes is kept
+    (["--m2mix-weight", "0.1"], "1", 0.1),
+])
+def test_the_m2mix_weight_default_is_the_familys(monkeypatch, argv, world, expected):
+    from m2mix_openclip.integration.launcher import parse_args
+
+    monkeypatch.setenv("WORLD_SIZE", world)  # as torchrun sets it: OpenCLIP's world_info_from_env reads it
+    args = parse_args(["--loss", "m2mix", *argv], check_data=False)
+    assert args.m2mix_weight == pytest.approx(expected, rel=1e-12)
+    assert args.m2mix_weight_default == ("--m2mix-weight" not in argv)
+    assert options_from_args(args).m2mix_weight == args.m2mix_weight
+
+
+def test_the_loss_gets_the_weight_of_the_processes_openclip_started_and_the_log_says_which():
+    from argparse import Namespace
+
+    from m2mix_openclip.integration.families import resolve_family_defaults, weight_note
+    from m2mix_openclip.integration.losses import M2MIX_LOSS
+
+    flags = {f.name: f.default for f in dataclasses.fields(MixOptions)}
+    flags["m2mix_weight"] = None  # left out: the family's default
+    args = Namespace(model="ViT-B-32", siglip=True, distill=False, distill_model=None, horovod=False, batch_size=32,
+                     accum_freq=1, rank=0, world_size=8, loss_dist_impl=None, seed=0, mix_seed=None, **flags)
+    resolve_family_defaults(args, world_size=2)  # at parsing, the environment's guess
+    assert args.m2mix_weight == pytest.approx(0.02 * 63)
+    loss = M2MIX_LOSS(args)  # at build, OpenCLIP's own count of processes
+    assert loss.m2mix_weight == pytest.approx(0.02 * (32 * 8 - 1))
+    assert weight_note(args, 8) == ("--m2mix-weight 5.1 (the --siglip default 0.02 x (G - 1) for the global batch "
+                                    "G = 256: --batch-size 32 x 8 processes x --accum-freq 1)")
+    args.siglip = False
+    args.m2mix_weight_default = False
+    assert weight_note(args, 8) == "--m2mix-weight 5.1 (given)"
+
+
+def test_siglip_default_weight_refuses_a_batch_without_negatives():
+    from m2mix_openclip.losses.options import siglip_default_weight
+    assert siglip_default_weight(2) == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="the global batch must be an integer >= 2, got 1"):
+        siglip_default_weight(1)
+
+
+def test_help_says_the_m2mix_weight_default_depends_on_the_family():
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    text = " ".join(parser.format_help().split())
+    assert "Default: 0.02; with --siglip 0.02 x (G - 1) for a global batch of G pairs" in text
+    assert parser.parse_args([]).m2mix_weight is None  # until the family is known

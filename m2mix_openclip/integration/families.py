@@ -8,13 +8,16 @@ the way ``create_loss`` does and the mixing options on top.
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import fields
 from typing import Optional
 
 from ..losses import M2MixCoCaLoss, M2MixDistillLoss, M2MixLoss, M2MixSigLipLoss
-from ..losses.options import SIGLIP_UNIMODAL_REASON
+from ..losses.options import SIGLIP_UNIMODAL_REASON, MixOptions, siglip_default_weight
 from . import openclip_compat
 
-__all__ = ["loss_family", "build_m2mix_loss", "validate_family", "FAMILY_CLASSES"]
+__all__ = ["loss_family", "build_m2mix_loss", "validate_family", "FAMILY_CLASSES", "global_batch",
+           "resolve_family_defaults", "weight_note"]
 
 FAMILY_CLASSES = {"distill": M2MixDistillLoss, "coca": M2MixCoCaLoss, "siglip": M2MixSigLipLoss, "clip": M2MixLoss}
 
@@ -43,6 +46,48 @@ def validate_family(args) -> Optional[str]:
         if getattr(args, "horovod", False):
             return "--siglip --loss m2mix does not support --horovod (OpenCLIP's SigLipLoss does not either)"
     return None
+
+
+def _world_size_from_env() -> int:
+    """The number of processes, as OpenCLIP's trainer will read it from the launcher's environment
+    (torchrun, SLURM, MPI) with its own ``world_info_from_env``."""
+    trainer = openclip_compat.require_trainer()
+    return importlib.import_module(f"{trainer.package}.distributed").world_info_from_env()[2]
+
+
+def global_batch(args, world_size: int) -> int:
+    """The pairs the loss sees at one call: ``--batch-size`` x processes x ``--accum-freq`` (with
+    accumulation OpenCLIP calls the loss with every micro-batch's features)."""
+    return int(args.batch_size) * int(world_size) * max(1, int(getattr(args, "accum_freq", 1) or 1))
+
+
+def resolve_family_defaults(args, world_size: Optional[int] = None) -> None:
+    """Sets each mixing flag left at "the family's default" (None; ``--m2mix-weight``) to that
+    default: 0.02, or with ``--siglip`` ``siglip_default_weight(G)`` for the global batch G at
+    ``world_size`` processes (default: as the launcher's environment says). A weight the user
+    passed is kept. ``args.m2mix_weight_default`` records whether the family's default was taken."""
+    defaulted = getattr(args, "m2mix_weight_default", None)
+    if defaulted is None:
+        defaulted = getattr(args, "m2mix_weight", None) is None
+        args.m2mix_weight_default = defaulted
+    if not defaulted:
+        return
+    if loss_family(args) == "siglip":
+        world_size = _world_size_from_env() if world_size is None else world_size
+        args.m2mix_weight = siglip_default_weight(global_batch(args, world_size))
+    else:
+        args.m2mix_weight = next(f.default for f in fields(MixOptions) if f.name == "m2mix_weight")
+
+
+def weight_note(args, world_size: int) -> str:
+    """Which ``--m2mix-weight`` a run uses and why, for its log."""
+    if not getattr(args, "m2mix_weight_default", False):
+        return f"--m2mix-weight {args.m2mix_weight:g} (given)"
+    if loss_family(args) == "siglip":
+        return (f"--m2mix-weight {args.m2mix_weight:g} (the --siglip default 0.02 x (G - 1) for the global batch "
+                f"G = {global_batch(args, world_size)}: --batch-size {args.batch_size} x {world_size} processes"
+                f" x --accum-freq {max(1, int(getattr(args, 'accum_freq', 1) or 1))})")
+    return f"--m2mix-weight {args.m2mix_weight:g} (the default)"
 
 
 def build_m2mix_loss(args, **mixing):

@@ -7,6 +7,7 @@ multi-process batches. The formulas are in :mod:`.terms`, the per-step state in 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, NamedTuple, Optional
 
 import torch
@@ -15,7 +16,7 @@ from open_clip.loss import ClipLoss, gather_features
 from ..mixup import compute_dtype, mix_unit_rows
 from .mixing import MixingStateMixin
 from .options import MixKeywords, MixOptions, Unpack
-from .terms import clip_contrastive_term, m2mix_softmax_term, mix_target_rows, unimodal_mix_term
+from .terms import clip_contrastive_term, clip_logits, m2mix_softmax_term, mix_target_rows, unimodal_mix_term
 
 __all__ = ["M2MixLoss", "SoftmaxMixingMixin", "BatchRows"]
 
@@ -68,6 +69,39 @@ class SoftmaxMixingMixin(MixingStateMixin):
             start=self.rank * num_rows if local_rows else 0,  # this rank's rows of a (G, G) matrix
             local_rows=local_rows,
         )
+
+    # -- one gather per step -----------------------------------------------------------------------
+    _held = None  # [image_features, text_features, their BatchRows once gathered] during a forward call
+
+    @contextlib.contextmanager
+    def _one_gather(self, image_features: torch.Tensor, text_features: torch.Tensor):
+        """While OpenCLIP's own ``forward`` runs inside: its :meth:`get_logits` for these features
+        and the mixing terms (:meth:`_held_rows`) share one gather of the global batch, made at
+        the first of them that needs it. Nothing is held after the call."""
+        self._held = [image_features, text_features, None]
+        try:
+            yield
+        finally:
+            self._held = None
+
+    def _held_rows(self) -> BatchRows:
+        held = self._held
+        if held[2] is None:
+            held[2] = self._batch_rows(held[0], held[1])
+        return held[2]
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """``ClipLoss.get_logits``; for the features of the current call (in :meth:`_one_gather`),
+        from the batch gathered once for the call, so that OpenCLIP's contrastive (and
+        distillation) terms and the mixing terms make one all-gather between them. Other
+        features (a distillation teacher's) go to OpenCLIP's own."""
+        held = self._held
+        if self.world_size == 1 or held is None or held[0] is not image_features or held[1] is not text_features:
+            passed = {} if logit_bias is None else {"logit_bias": logit_bias}
+            return super().get_logits(image_features, text_features, logit_scale, **passed)
+        rows = self._held_rows()
+        return clip_logits(rows.image_rows, rows.text_rows, rows.all_image, rows.all_text, logit_scale, logit_bias,
+                           rows_are_global=not rows.local_rows)
 
     def _mixing_terms(self, rows: BatchRows, logit_scale, new_step: bool,
                       mix_lambda: Optional[float]) -> Dict[str, torch.Tensor]:

@@ -32,6 +32,9 @@ class M2MixCoCaLoss(SoftmaxMixingMixin, CoCaLoss):
     ``use_horovod``), then those of ``M2MixLoss`` after its ``use_horovod``: ``options``,
     ``seed``, ``calls_per_step`` and the mixing options (``m2mix_weight``, ...).
 
+    With several processes the features are gathered once per call, as ``CoCaLoss`` alone gathers
+    them: its contrastive logits (:meth:`get_logits`) and the mixing terms share that batch.
+
     ``forward`` takes a CoCa model's outputs and returns ``{"contrastive_loss", "caption_loss",
     "m2mix_loss", ...}`` (one key per enabled mixing term) with ``output_dict=True``, else the
     tuple of those values in that order. No host sync; non-finite features give a non-finite
@@ -53,9 +56,10 @@ class M2MixCoCaLoss(SoftmaxMixingMixin, CoCaLoss):
                 labels: torch.Tensor, logit_scale: torch.Tensor, output_dict: bool = False,
                 mix_lambda: Optional[float] = None):
         new_step = self._begin_call(image_features, text_features, mix_lambda)
-        losses = CoCaLoss.forward(self, image_features, text_features, logits, labels, logit_scale, output_dict=True)
-        if self.enabled_terms:
-            rows = self._batch_rows(image_features, text_features)
-            losses.update(self._mixing_terms(rows, logit_scale, new_step, mix_lambda))
+        with self._one_gather(image_features, text_features):  # CoCaLoss's contrastive part and ours share it
+            losses = CoCaLoss.forward(self, image_features, text_features, logits, labels, logit_scale,
+                                      output_dict=True)
+            if self.enabled_terms:
+                losses.update(self._mixing_terms(self._held_rows(), logit_scale, new_step, mix_lambda))
         self._count_nonfinite(sum(losses.values()), new_step)
         return losses if output_dict else tuple(losses.values())

@@ -27,6 +27,10 @@ class M2MixDistillLoss(SoftmaxMixingMixin, DistillClipLoss):
     Args: those of ``M2MixLoss``: ``DistillClipLoss``'s own (``ClipLoss``'s), then ``options``,
     ``seed``, ``calls_per_step`` and the mixing options.
 
+    With several processes the student's features are gathered once per call, as
+    ``DistillClipLoss`` alone gathers them (its logits, :meth:`get_logits`, and the mixing terms
+    share that batch); the teacher's are gathered by ``DistillClipLoss``, as with ``--loss clip``.
+
     ``forward`` returns ``{"contrastive_loss", "distill_loss", "m2mix_loss", ...}`` with
     ``output_dict=True``, else the tuple of those values in that order.
     """
@@ -35,10 +39,10 @@ class M2MixDistillLoss(SoftmaxMixingMixin, DistillClipLoss):
                 dist_image_features: torch.Tensor, dist_text_features: torch.Tensor,
                 dist_logit_scale: torch.Tensor, output_dict: bool = False, mix_lambda: Optional[float] = None):
         new_step = self._begin_call(image_features, text_features, mix_lambda)
-        losses = DistillClipLoss.forward(self, image_features, text_features, logit_scale, dist_image_features,
-                                         dist_text_features, dist_logit_scale, output_dict=True)
-        if self.enabled_terms:
-            rows = self._batch_rows(image_features, text_features)
-            losses.update(self._mixing_terms(rows, logit_scale, new_step, mix_lambda))
+        with self._one_gather(image_features, text_features):  # the student's: DistillClipLoss's and ours
+            losses = DistillClipLoss.forward(self, image_features, text_features, logit_scale, dist_image_features,
+                                             dist_text_features, dist_logit_scale, output_dict=True)
+            if self.enabled_terms:
+                losses.update(self._mixing_terms(self._held_rows(), logit_scale, new_step, mix_lambda))
         self._count_nonfinite(sum(losses.values()), new_step)
         return losses if output_dict else tuple(losses.values())

@@ -19,7 +19,7 @@ except ImportError:  # Python 3.10
 
 __all__ = ["MixOptions", "MixKeywords", "MIX_SCHEDULES", "MIX_PAIRINGS", "MIX_TERMS",
            "SIGLIP_UNIMODAL_REASON", "mix_options", "signature_with_options", "add_flags", "options_from_args",
-           "flag_table"]
+           "flag_table", "siglip_default_weight", "SIGLIP_WEIGHT_PER_NEGATIVE"]
 
 MIX_SCHEDULES = ("inverse-epoch", "constant")
 MIX_PAIRINGS = ("reverse", "random")
@@ -67,8 +67,13 @@ def temperature_value(text: str) -> Optional[float]:
             f"expected a temperature > 0 (e.g. 0.07) or 'learned' for the model's logit_scale, got {text!r}") from None
 
 
-def _option(default, flag_help: str, parse=None, choices=None, shown: Optional[str] = None):
-    return field(default=default, metadata={"help": flag_help, "parse": parse, "choices": choices, "shown": shown})
+def _option(default, flag_help: str, parse=None, choices=None, shown: Optional[str] = None,
+            family_default: Optional[str] = None):
+    """A field of :class:`MixOptions`. ``family_default``: the flag's default depends on the loss
+    family (the flag's value is then None until ``integration.families`` resolves it); the text
+    says which, in ``--help``."""
+    return field(default=default, metadata={"help": flag_help, "parse": parse, "choices": choices, "shown": shown,
+                                            "family_default": family_default})
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,10 @@ class MixOptions:
     copy, checked again."""
 
     m2mix_weight: float = _option(0.02, "Weight of the m²-Mix term (0 turns it off); the reference's mmmix 0.01 "
-                                         "(it sums the two directions, we average them)", weight_value)
+                                         "(it sums the two directions, we average them)", weight_value,
+                                  family_default="0.02; with --siglip 0.02 x (G - 1) for a global batch of G pairs "
+                                                 "(the mixes then weigh as SigLIP weighs its own negatives; "
+                                                 "docs/performance.md)")
     m2mix_alpha: float = _option(0.5, "lambda ~ Beta(a, a) for the m²-Mix term", positive_value)
     m2mix_temperature: Optional[float] = _option(
         0.07, "Temperature of the m²-Mix logits, or 'learned' for the model's logit_scale (with --siglip a "
@@ -179,11 +187,14 @@ def _flag(name: str) -> str:
 
 
 def add_flags(parser) -> None:
-    """One command-line flag per field (``--m2mix-weight`` for ``m2mix_weight``)."""
+    """One command-line flag per field (``--m2mix-weight`` for ``m2mix_weight``); a field whose
+    default depends on the family gets None (resolved by ``integration.families``)."""
     for f in fields(MixOptions):
         meta = f.metadata
         default = f.default if f.default is not MISSING else None
-        shown = meta["shown"] or default
+        shown = meta["family_default"] or meta["shown"] or default
+        if meta["family_default"]:
+            default = None
         kwargs = dict(default=default, help=f"{meta['help']}. Default: {shown}.")
         if meta["choices"] is not None:
             kwargs["choices"] = meta["choices"]
@@ -194,13 +205,38 @@ def add_flags(parser) -> None:
 
 
 def options_from_args(args) -> MixOptions:
-    return MixOptions(**{f.name: getattr(args, f.name) for f in fields(MixOptions)})
+    """The options of parsed flags; a family-dependent flag still at None (not resolved by
+    ``integration.families``) takes the field's default."""
+    values = {f.name: getattr(args, f.name) for f in fields(MixOptions)}
+    for f in fields(MixOptions):
+        if f.metadata["family_default"] and values[f.name] is None:
+            values[f.name] = f.default
+    return MixOptions(**values)
+
+
+SIGLIP_WEIGHT_PER_NEGATIVE = 0.02
+
+
+def siglip_default_weight(global_batch: int) -> float:
+    r"""``--m2mix-weight``'s default with ``--siglip``: :math:`0.02\,(G - 1)` for a global batch of
+    :math:`G` pairs (the batch ``M2MixSigLipLoss`` sees: ``--batch-size`` x processes x
+    ``--accum-freq``).
+
+    The sigmoid m²-Mix term is a mean over each anchor's :math:`G - 1` mixed negatives; SigLIP
+    sums over its negatives. Times :math:`G - 1`, the term is that sum, weighted 0.02 as the
+    softmax families weigh theirs: measured on the bundled digits, its share of the gradient on
+    the pairs is then the softmax default's (docs/performance.md, ``benchmarks/siglip_weight.py``).
+    """
+    if int(global_batch) != global_batch or global_batch < 2:
+        raise ValueError(f"the global batch must be an integer >= 2, got {global_batch!r}")
+    return SIGLIP_WEIGHT_PER_NEGATIVE * (int(global_batch) - 1)
 
 
 def flag_table() -> str:
-    """The README's table of the mixing flags, in Markdown."""
+    """The table of the mixing flags in docs/training.md, in Markdown (a flag's default as the
+    command line has it: per family where the family decides it)."""
     rows = ["| flag | default | meaning |", "|---|---|---|"]
     for f in fields(MixOptions):
-        shown = f.metadata["shown"] or f.default
+        shown = f.metadata["family_default"] or f.metadata["shown"] or f.default
         rows.append(f"| `{_flag(f.name)}` | {shown} | {f.metadata['help']} |")
     return "\n".join(rows)

@@ -16,10 +16,10 @@ import torch.distributed.nn  # noqa: F401  (all_reduce / all_gather with gradien
 from open_clip.loss import SigLipLoss, neighbour_exchange_bidir_with_grad, neighbour_exchange_with_grad
 
 from ..integration import openclip_compat
-from ..mixup import compute_dtype, mix_unit_rows
+from ..mixup import compute_dtype, no_autocast, slerp_coefficients
 from .mixing import MixingStateMixin
 from .options import SIGLIP_UNIMODAL_REASON, MixKeywords, MixOptions, Unpack
-from .terms import m2mix_sigmoid_term
+from .terms import m2mix_sigmoid_term, siglip_with_sigmoid_m2mix
 
 __all__ = ["M2MixSigLipLoss", "SIGLIP_UNIMODAL_REASON", "DIST_IMPLS"]
 
@@ -56,8 +56,22 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
     every negative. The m²-Mix term divides by the number of anchor-negative pairs,
     :math:`2G(G-1)`: it is the mean loss of one (anchor, mixed negative) pair, the same size
     at any batch, and each anchor's gradient is an average over its negatives (a convex
-    combination, as in the softmax term). To weigh the mixes like SigLIP's own negatives at a
-    batch of :math:`G`, :math:`w \approx 2(G-1)`.
+    combination, as in the softmax term). Times :math:`G-1` it is SigLIP's normalisation (each
+    anchor's sum over its negatives, averaged over the anchors, images and captions alike):
+    ``--siglip --loss m2mix`` takes :math:`w = 0.02\,(G-1)` when ``--m2mix-weight`` is left out
+    (:func:`~m2mix_openclip.losses.options.siglip_default_weight`), which gives the term the
+    share of the gradient that the softmax families' default 0.02 gives theirs; in Python the
+    default stays 0.02, a mean over pairs, which is nearly inert beside SigLIP's sum.
+
+    Cost: this process's own block of both terms comes from three (B, B) products, SigLIP's
+    :math:`XY^\top` and the Gram matrices :math:`XX^\top`, :math:`YY^\top`, the mixes being
+    :math:`m_j = \alpha_j x_j + \beta_j y_j` (:func:`~.terms.siglip_with_sigmoid_m2mix`), and
+    four in the backward pass: seven (B, B, D) products where SigLIP alone makes three, and
+    where the two terms computed apart (SigLIP's ``_loss`` and the mixes' own products) make nine;
+    in exchange, more (B, B) element-wise passes, and SigLIP's block in float32 under autocast.
+    Setting ``reuse_products = False`` (on the class or an instance) computes the terms apart,
+    with the same values: the cheaper choice where a product costs little beside a pass (a GPU
+    with TF32 or bf16 may be one; ``benchmarks/bench_core.py`` measures both).
 
     Several processes: as ``SigLipLoss``, each process anchors its own :math:`B = G/W` images
     (and captions) and divides by its own :math:`B` (and :math:`2B(G-1)`), so the mean of the
@@ -72,7 +86,8 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
     Args: ``SigLipLoss``'s own (``cache_labels``, ``rank``, ``world_size``, ``dist_impl``: one of
     ``DIST_IMPLS``, default ``"bidir"``, on every release, as the exchange here is this class's
     own), ``m2mix_bias`` (``None``: see above), then ``options``, ``seed``, ``calls_per_step``
-    and the mixing options as in ``M2MixLoss``: ``m2mix_weight`` (default 0.02), ``m2mix_alpha``
+    and the mixing options as in ``M2MixLoss``: ``m2mix_weight`` (default 0.02; see above for
+    the command line's), ``m2mix_alpha``
     (0.5), ``m2mix_temperature`` (0.07; ``None`` for the model's scale and bias),
     ``mix_schedule`` (and the uni-modal ones, accepted for a common signature, weights 0).
     ``ValueError`` (the same text as every family's, from ``MixOptions``) names a bad option.
@@ -89,6 +104,8 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
         >>> sorted(loss(x, y, torch.tensor(10.0), torch.tensor(-10.0), output_dict=True))
         ['contrastive_loss', 'm2mix_loss']
     """
+
+    reuse_products = True  # this process's block of both terms from SigLIP's products (see "Cost" above)
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  dist_impl: Optional[str] = None, m2mix_bias: Optional[float] = None, *,
@@ -165,20 +182,31 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
         mixing = self.m2mix_weight > 0
         new_step = self._begin_call(image_features, text_features, mix_lambda, needs_negatives=mixing)
         num_rows = image_features.shape[0]
-        num_global = num_rows * self.world_size
-
-        contrastive = self._loss(image_features, text_features, logit_scale, logit_bias)
+        payload = text_features  # what travels to the other processes: (B, D), or (2B, D) with the mixes
         if mixing:
+            normaliser = 2 * num_rows * (num_rows * self.world_size - 1)
             self._check_unit_rows_once(image_features, text_features, agree_across_ranks=self.world_size > 1)
             lam = self._step_lambda("m2mix", self.m2mix_alpha, mix_lambda, new_step)
-            mixed = mix_unit_rows(image_features, text_features, lam, out_dtype=compute_dtype(image_features.dtype))
             scale, bias = self._mix_scale_and_bias(logit_scale, logit_bias)
-            normaliser = 2 * num_rows * (num_global - 1)
-            mix = m2mix_sigmoid_term(image_features, text_features, mixed, scale, bias, True, normaliser)
+            dtype = compute_dtype(image_features.dtype)
+            with no_autocast(image_features.device):
+                # The mixes as alpha_j x_j + beta_j y_j, in float32.
+                image, text = image_features.to(dtype), text_features.to(dtype)
+                alpha, beta = slerp_coefficients(image, text, lam)  # (B,) each
+                if self.world_size > 1 or not self.reuse_products:
+                    mixed = alpha[:, None] * image + beta[:, None] * text  # (B, D)
+                if self.reuse_products:  # this process's block of both terms from SigLIP's own products
+                    contrastive, mix = siglip_with_sigmoid_m2mix(image, text, alpha, beta, logit_scale, logit_bias,
+                                                                 scale, bias, normaliser)
+            if not self.reuse_products:
+                contrastive = self._loss(image_features, text_features, logit_scale, logit_bias)
+                mix = m2mix_sigmoid_term(image_features, text_features, mixed, scale, bias, True, normaliser)
+            if self.world_size > 1:
+                payload_dtype = torch.promote_types(text_features.dtype, mixed.dtype)
+                payload = torch.cat([text_features.to(payload_dtype), mixed.to(payload_dtype)])
+        else:
+            contrastive = self._loss(image_features, text_features, logit_scale, logit_bias)
         if self.world_size > 1:
-            # One tensor travels: the captions, and (when mixing) the mixes below them, (2B, D).
-            dtype = torch.promote_types(text_features.dtype, mixed.dtype) if mixing else text_features.dtype
-            payload = torch.cat([text_features.to(dtype), mixed.to(dtype)]) if mixing else text_features
             for chunk, factor in self._chunks_of_other_ranks(payload):
                 text_chunk = chunk[:num_rows].to(text_features.dtype)
                 contrastive = contrastive + factor * self._loss(

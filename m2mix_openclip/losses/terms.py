@@ -11,7 +11,8 @@ the embedding dimension; ``x`` images, ``y`` captions, unit vectors.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import math
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,11 @@ from ..mixup import compute_dtype, no_autocast
 __all__ = [
     "soft_cross_entropy",
     "cross_entropy_with_positive",
+    "clip_logits",
     "clip_contrastive_term",
     "m2mix_softmax_term",
     "m2mix_sigmoid_term",
+    "siglip_with_sigmoid_m2mix",
     "mix_target_rows",
     "unimodal_mix_term",
     "pair_partners",
@@ -83,17 +86,15 @@ def cross_entropy_with_positive(logits: torch.Tensor, positive: torch.Tensor, ta
     return _CrossEntropyWithPositive.apply(logits, positive, target)
 
 
-def clip_contrastive_term(image_rows: torch.Tensor, text_rows: torch.Tensor,
-                          all_image: torch.Tensor, all_text: torch.Tensor,
-                          logit_scale: Scale, labels: torch.Tensor,
-                          logit_bias: Optional[torch.Tensor] = None, rows_are_global: bool = True) -> torch.Tensor:
-    r"""OpenCLIP's ``ClipLoss`` value:
-    :math:`\tfrac12\big[\mathrm{CE}(s\,X_r Y^\top + b, \ell) + \mathrm{CE}(s\,Y_r X^\top + b, \ell)\big]`.
+def clip_logits(image_rows: torch.Tensor, text_rows: torch.Tensor, all_image: torch.Tensor, all_text: torch.Tensor,
+                logit_scale: Scale, logit_bias: Optional[torch.Tensor] = None,
+                rows_are_global: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""OpenCLIP's ``ClipLoss`` logits from a gathered batch: :math:`s\,X_r Y^\top + b` and
+    :math:`s\,Y_r X^\top + b`, (R, G) each.
 
-    Where the rows are the whole global batch (``rows_are_global``: one process, or several
-    without ``local_loss``) one (G, G) product serves both directions, as ``ClipLoss`` itself
-    does across processes; in one process ``ClipLoss`` computes ``y @ x.T`` separately, which
-    differs only by float rounding.
+    Where the rows are the whole global batch (``rows_are_global``) one (G, G) product serves
+    both directions, the second being the first's transpose, as ``ClipLoss`` does across
+    processes without ``local_loss``; else the R anchors of this process against the G columns.
     """
     if rows_are_global:
         logits_per_image = logit_scale * all_image @ all_text.T  # (G, G)
@@ -101,9 +102,23 @@ def clip_contrastive_term(image_rows: torch.Tensor, text_rows: torch.Tensor,
     else:
         logits_per_image = logit_scale * image_rows @ all_text.T  # (R, G)
         logits_per_text = logit_scale * text_rows @ all_image.T  # (R, G)
-    if logit_bias is not None:
+    if logit_bias is not None:  # out of place: the two may share storage
         logits_per_image = logits_per_image + logit_bias
         logits_per_text = logits_per_text + logit_bias
+    return logits_per_image, logits_per_text
+
+
+def clip_contrastive_term(image_rows: torch.Tensor, text_rows: torch.Tensor,
+                          all_image: torch.Tensor, all_text: torch.Tensor,
+                          logit_scale: Scale, labels: torch.Tensor,
+                          logit_bias: Optional[torch.Tensor] = None, rows_are_global: bool = True) -> torch.Tensor:
+    r"""OpenCLIP's ``ClipLoss`` value:
+    :math:`\tfrac12\big[\mathrm{CE}(s\,X_r Y^\top + b, \ell) + \mathrm{CE}(s\,Y_r X^\top + b, \ell)\big]`,
+    on the logits of :func:`clip_logits`. In one process ``ClipLoss`` computes ``y @ x.T``
+    separately, which differs only by float rounding.
+    """
+    logits_per_image, logits_per_text = clip_logits(image_rows, text_rows, all_image, all_text, logit_scale,
+                                                    logit_bias, rows_are_global)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
@@ -184,6 +199,121 @@ def m2mix_sigmoid_term(image_rows: torch.Tensor, text_rows: torch.Tensor, mixed:
             own = (anchors * mixed.repeat(2, 1)).sum(dim=1)  # (2R,): s <x_i, m_i>, s <y_i, m_i>
             total = total - F.softplus(own + bias).sum()
         return total / normaliser
+
+
+def siglip_with_sigmoid_m2mix(image: torch.Tensor, text: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                              scale: Scale, bias: Scale, mix_scale: Scale, mix_bias: Scale,
+                              mix_normaliser: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""SigLIP's value on one process's own block and the sigmoid m²-Mix term on it, from three
+    products instead of five.
+
+    With :math:`S = XY^\top`, :math:`P = XX^\top`, :math:`Q = YY^\top` and the mixes written as
+    :math:`m_j = \alpha_j x_j + \beta_j y_j` (:func:`~m2mix_openclip.mixup.slerp_coefficients`),
+    :math:`\langle x_i, m_j\rangle = \alpha_j P_{ij} + \beta_j S_{ij}` and
+    :math:`\langle y_i, m_j\rangle = \alpha_j S_{ji} + \beta_j Q_{ij}`. Returns
+
+    .. math::
+        \Big(\tfrac{1}{B}\big[\textstyle\sum_{ij}\mathrm{softplus}(tS_{ij} + b) - \sum_i (tS_{ii} + b)\big],\;
+        \tfrac{1}{n}\sum_i\sum_{j\ne i}\big[\mathrm{softplus}(s\langle x_i, m_j\rangle + \beta)
+            + \mathrm{softplus}(s\langle y_i, m_j\rangle + \beta)\big]\Big)
+
+    the first equal to ``SigLipLoss._loss`` (:math:`-\log\sigma(z_{ij} l_{ij})`, summed, over
+    :math:`B`; :math:`\mathrm{softplus}(-l) = \mathrm{softplus}(l) - l` on the diagonal), the
+    second to :func:`m2mix_sigmoid_term` with ``exclude_own`` (:math:`n` = ``mix_normaliser``).
+    The backward pass groups every (B, B) gradient by the matrix it multiplies: four products
+    (SigLIP alone needs two), against six for the two losses computed apart; the gradients that
+    reach :math:`\alpha, \beta` are (B,) reductions. Computed in float32 (float64 for float64)
+    with autocast off, as the other mixing terms.
+
+    Args:
+        image, text: (B, D) unit rows, this process's pairs.
+        alpha, beta: (B,) slerp coefficients of the pairs' mixes (gradients flow to them).
+        scale, bias: SigLIP's learned ``logit_scale`` and ``logit_bias``.
+        mix_scale, mix_bias: those of the mixed negatives (floats, or the same tensors).
+        mix_normaliser: :math:`n`, e.g. ``2B(G-1)``.
+    """
+    dtype = compute_dtype(image.dtype)
+    with no_autocast(image.device):
+        def cast(value):
+            return value.to(dtype) if isinstance(value, torch.Tensor) else float(value)
+
+        return _SiglipWithSigmoidMix.apply(image.to(dtype), text.to(dtype), alpha.to(dtype), beta.to(dtype),
+                                           cast(scale), cast(bias), cast(mix_scale), cast(mix_bias),
+                                           float(mix_normaliser))
+
+
+class _SiglipWithSigmoidMix(torch.autograd.Function):
+    """See :func:`siglip_with_sigmoid_m2mix`. The forward pass keeps three (B, B) matrices for
+    the backward pass, the derivatives by SigLIP's logits Z, the x-anchored mix logits A and the
+    transposed y-anchored ones C^T (so that every (B, B) pass reads rows, never columns);
+    everything that reaches the (B,) and scalar inputs is reduced in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, image, text, alpha, beta, scale, bias, mix_scale, mix_bias, mix_normaliser):
+        num = image.shape[0]
+        products = image @ text.T  # S (B, B)
+        image_gram = image @ image.T  # P
+        text_gram = text @ text.T  # Q (symmetric)
+        s_alpha, s_beta = alpha * mix_scale, beta * mix_scale  # (B,)
+        ctx.tensor_scalars = tuple(isinstance(v, torch.Tensor) for v in (scale, bias, mix_scale, mix_bias))
+        if not isinstance(mix_bias, torch.Tensor):  # a fill on the device, not a copy from the host
+            mix_bias = image.new_full((), mix_bias)
+
+        # A_ij = s <x_i, m_j> + beta_m = s (alpha_j P_ij + beta_j S_ij) + beta_m; own mix (j = i) excluded
+        mix_image = torch.addcmul(mix_bias, image_gram, s_alpha[None, :]).addcmul_(products, s_beta[None, :])
+        mix_image.diagonal().fill_(-math.inf)
+        # C^T_ji = s <y_i, m_j> + beta_m = s (alpha_j S_ji + beta_j Q_ji) + beta_m
+        mix_text_t = torch.addcmul(mix_bias, text_gram, s_beta[:, None]).addcmul_(products, s_alpha[:, None])
+        mix_text_t.diagonal().fill_(-math.inf)
+        mix_value = (F.softplus(mix_image).sum() + F.softplus(mix_text_t).sum()) / mix_normaliser
+        grad_a = mix_image.sigmoid_()  # n dL_mix/dA (0 on the diagonal); 1/n is applied in backward
+        grad_ct = mix_text_t.sigmoid_()  # n dL_mix/dC^T
+        # n dL_mix/dalpha_j / s = sum_i dA_ij P_ij + dC_ij S_ji; beta alike: reductions over the anchors
+        d_alpha = image_gram.mul_(grad_a).sum(dim=0) + (grad_ct * products).sum(dim=1)
+        d_beta = (grad_a * products).sum(dim=0) + text_gram.mul_(grad_ct).sum(dim=1)
+        del image_gram, text_gram
+
+        logits = products * scale
+        logits.add_(bias)  # Z = t S + b
+        siglip_value = (F.softplus(logits).sum() - logits.diagonal().sum()) / num
+        grad_z = logits.sigmoid_()  # B dL_siglip/dZ = sigmoid(Z) - I; 1/B is applied in backward
+        grad_z.diagonal().sub_(1.0)
+        d_scale = torch.dot(grad_z.reshape(-1), products.reshape(-1)) / num  # dL_siglip/dt
+        del products
+
+        ctx.save_for_backward(image, text, alpha, beta, grad_z, grad_a, grad_ct, d_alpha, d_beta, d_scale)
+        ctx.constants = (num, mix_normaliser, scale, mix_scale)
+        return siglip_value, mix_value
+
+    @staticmethod
+    def backward(ctx, grad_siglip, grad_mix):
+        image, text, alpha, beta, grad_z, grad_a, grad_ct, d_alpha, d_beta, d_scale = ctx.saved_tensors
+        num, mix_normaliser, scale, mix_scale = ctx.constants
+        mix_factor = grad_mix / mix_normaliser  # the (B, B) derivatives were kept without 1/n
+        grad_image = grad_text = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            s_alpha, s_beta = alpha * (mix_scale * mix_factor), beta * (mix_scale * mix_factor)
+            # dL/dS = t dL/dZ + s (dL/dA diag(beta) + diag(alpha) dL/dC^T)
+            grad_products = torch.addcmul(grad_z * ((grad_siglip / num) * scale), grad_a, s_beta[None, :])
+            grad_products.addcmul_(grad_ct, s_alpha[:, None])
+            grad_image = grad_products @ text  # (B, D)
+            grad_text = grad_products.T @ image
+            del grad_products
+            # dL/dP = s dL/dA diag(alpha); P = X X^T is symmetric: dL/dX += (G + G^T) X
+            gram_grad = grad_a * s_alpha[None, :]
+            grad_image.addmm_(gram_grad.add_(gram_grad.T.contiguous()), image)
+            gram_grad = grad_ct * s_beta[:, None]  # dL/dQ^T = diag(beta) dL/dC^T, Q symmetric
+            grad_text.addmm_(gram_grad.add_(gram_grad.T.contiguous()), text)
+            del gram_grad
+        grad_alpha = d_alpha * (mix_scale * mix_factor) if ctx.needs_input_grad[2] else None
+        grad_beta = d_beta * (mix_scale * mix_factor) if ctx.needs_input_grad[3] else None
+        scale_t, bias_t, mix_scale_t, mix_bias_t = ctx.tensor_scalars
+        grad_scale = grad_siglip * d_scale if scale_t else None
+        grad_bias = grad_siglip * grad_z.sum() / num if bias_t else None
+        grad_mix_scale = mix_factor * (alpha * d_alpha + beta * d_beta).sum() if mix_scale_t else None
+        grad_mix_bias = mix_factor * (grad_a.sum() + grad_ct.sum()) if mix_bias_t else None
+        return (grad_image, grad_text, grad_alpha, grad_beta, grad_scale, grad_bias, grad_mix_scale, grad_mix_bias,
+                None)
 
 
 class _SoftplusOfLogitsSum(torch.autograd.Function):
