@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 import time
-from typing import List, Sequence
+from typing import List
 
 import torch
 
@@ -28,19 +28,9 @@ from .datasets import load_pairs, parse_class_names
 from .encode import class_text_features, encode_grouped
 from .evaluation import evaluate_features
 from .models import load_model
+from .report import short_unique_names
 from .results import finish_run
 from .simat import DEFAULT_SCALES, load_simat, simat_evaluate
-
-
-def short_unique_names(paths: Sequence[str]) -> List[str]:
-    """The shortest trailing path parts that tell the paths apart: ``epoch_10.pt`` alone, or
-    ``finetune-clip/checkpoints/epoch_10.pt`` beside ``finetune-m2mix/checkpoints/epoch_10.pt``."""
-    parts = [os.path.normpath(p).split(os.sep) for p in paths]
-    for depth in range(1, max(len(p) for p in parts) + 1):
-        names = ["/".join(p[-depth:]) for p in parts]
-        if len(set(names)) == len(names):
-            return names
-    return [str(p) for p in paths]  # the same path twice
 
 
 def model_labels(args) -> List[str]:

@@ -11,9 +11,11 @@ the model's ``logit_scale``). One scoring, two namings:
   ``NAME-zeroshot-top5`` (from 5 classes) and ``NAME-zeroshot-ece`` per labelled set
   (:func:`set_metric_key`).
 
-A labelled set is a CSV (an image-path column and an integer label column) or webdataset shards
-(an image member and a ``cls`` member per sample), read and checked by
-:func:`~m2mix_openclip.datasets.load_labelled_set` before any model runs. The readers, the
+A labelled set is a CSV (an image-path column and an integer label column), webdataset shards
+(an image member and a ``cls`` member per sample) or an ImageFolder tree, read and checked by
+:func:`~m2mix_openclip.datasets.load_labelled_set` before any model runs. A set whose classes are a
+part of the class list (``LabelledSet.class_groups``: an ImageFolder of ImageNet-R's 200 classes)
+is scored over its own classes (:func:`~m2mix_openclip.metrics.restrict_to_class_groups`). The readers, the
 classifier and the scores are re-exported here under their old names.
 """
 
@@ -26,7 +28,7 @@ import torch
 
 from .datasets import LabelledSet, load_labelled_set, parse_class_names, parse_templates
 from .encode import zero_shot_classifier, zero_shot_logits
-from .metrics import zero_shot_scores
+from .metrics import restrict_to_class_groups, zero_shot_scores
 
 __all__ = ["LabelledSet", "load_labelled_set", "parse_class_names", "parse_templates",
            "zero_shot_classifier", "zero_shot_logits", "zero_shot_scores", "zero_shot_metrics",
@@ -60,13 +62,16 @@ def labelled_set_metrics(model, preprocess, tokenizer, sets: Sequence[LabelledSe
                          autocast=contextlib.nullcontext, input_dtype=None) -> Dict[str, float]:
     """Zero-shot scores of every labelled set, named ``NAME-zeroshot-SCORE``; the class-text
     classifier is built once, images go through the model in batches of ``batch_size`` under
-    ``autocast()``, cast to ``input_dtype``. The model is used as it is (eval mode is the caller's)."""
+    ``autocast()``, cast to ``input_dtype``. A set with ``class_groups`` is scored over its own
+    classes. The model is used as it is (eval mode is the caller's)."""
     classifier = zero_shot_classifier(model, tokenizer, class_names, templates, device, autocast)
     scale = float(model.logit_scale.exp())
     out: Dict[str, float] = {}
     for labelled in sets:
         similarity = zero_shot_logits(model, preprocess, labelled.images, classifier, batch_size, device,
                                       autocast, input_dtype)
+        if labelled.class_groups is not None:
+            similarity = restrict_to_class_groups(similarity, labelled.class_groups)
         for score, value in zero_shot_scores(similarity, labelled.labels, scale).items():
             out[set_metric_key(labelled.name, score)] = value
     return out

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..datasets import parse_class_folders
 from ..zeroshot import (
     LabelledSet,
     labelled_set_metrics,
@@ -36,7 +37,9 @@ _NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 _loaded: Dict[Tuple[str, str], LabelledSet] = {}  # kept out of args: OpenCLIP writes args to params.txt
 
 
-def _named_set(text: str) -> Tuple[str, str]:
+def named_set(text: str) -> Tuple[str, str]:
+    """``NAME=PATH`` of a labelled set, as an argparse type (``--zeroshot-data``, ``m2mix-wiseft --id/--ood``);
+    the name becomes part of metric keys, so it holds only letters, digits, ``_`` and ``.``."""
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
         raise ValueError(f"expected NAME=PATH (e.g. rot=test-rotate.csv), got {text!r}")
@@ -45,16 +48,16 @@ def _named_set(text: str) -> Tuple[str, str]:
     return name, path
 
 
-_named_set.__name__ = "NAME=PATH"  # argparse shows this name in its type errors
+named_set.__name__ = "NAME=PATH"  # argparse shows this name in its type errors
 
 
 def add_arguments(parser) -> None:
     group = parser.add_argument_group("zero-shot robustness at every evaluation (m2mix-openclip)")
-    group.add_argument("--zeroshot-data", type=_named_set, action="append", default=None, metavar="NAME=PATH",
+    group.add_argument("--zeroshot-data", type=named_set, action="append", default=None, metavar="NAME=PATH",
                        help="A labelled set classified zero-shot at every evaluation: a CSV with an image column "
-                            "(--csv-img-key) and a label column (--zeroshot-label-key), or webdataset shards with "
-                            ".cls members (brace patterns allowed). Repeatable; gives NAME-zeroshot-top1, "
-                            "NAME-zeroshot-top5 and NAME-zeroshot-ece.")
+                            "(--csv-img-key) and a label column (--zeroshot-label-key), webdataset shards with "
+                            ".cls members (brace patterns allowed), or an ImageFolder tree (a folder per class). "
+                            "Repeatable; gives NAME-zeroshot-top1, NAME-zeroshot-top5 and NAME-zeroshot-ece.")
     group.add_argument("--zeroshot-classnames", default=None, metavar="FILE_OR_LIST",
                        help="Class names for --zeroshot-data: a file with one per line, or a comma list.")
     group.add_argument("--zeroshot-templates", default="a photo of a {c}.", metavar="FILE_OR_LIST",
@@ -62,6 +65,11 @@ def add_arguments(parser) -> None:
                             "';'-separated list. Default: 'a photo of a {c}.'")
     group.add_argument("--zeroshot-label-key", default="label",
                        help="CSV column of integer labels in --zeroshot-data sets. Default: label.")
+    group.add_argument("--zeroshot-class-folders", default=None, metavar="FILE",
+                       help="How the folders of ImageFolder sets map to classes: lines FOLDER<TAB>CLASSES (0-based "
+                            "class indices joined by ';', or '-' to leave the folder out), e.g. ImageNet's wnids; "
+                            "m2mix-data --from writes one. Without it a folder maps by its class name or index. A "
+                            "set whose folders cover only some classes is scored over those classes.")
 
 
 def validate(args) -> Optional[str]:
@@ -82,13 +90,25 @@ def validate(args) -> Optional[str]:
     try:
         classes = parse_class_names(args.zeroshot_classnames)
         parse_templates(args.zeroshot_templates)
+        folders = _class_folders(args, len(classes))
+    except (OSError, ValueError) as e:
+        return f"--zeroshot-data: {e}"
+    try:
         for name, path in sets:
-            _loaded[(name, path)] = load_labelled_set(
-                name, path, len(classes), img_key=args.csv_img_key, label_key=args.zeroshot_label_key,
-                sep=args.csv_separator)
+            _loaded[(name, path)] = _load(args, name, path, classes, folders)
     except ValueError as e:
         return f"--zeroshot-data: {e}"
     return None
+
+
+def _class_folders(args, num_classes: int):
+    path = getattr(args, "zeroshot_class_folders", None)
+    return None if path is None else parse_class_folders(path, num_classes)
+
+
+def _load(args, name: str, path: str, classes, folders) -> LabelledSet:
+    return load_labelled_set(name, path, len(classes), img_key=args.csv_img_key, label_key=args.zeroshot_label_key,
+                             sep=args.csv_separator, class_names=classes, class_folders=folders)
 
 
 def _precision(args, device: torch.device):
@@ -112,9 +132,10 @@ def zeroshot_metrics(model, tokenizer, preprocess, epoch: int, args) -> Dict[str
     device = torch.device(args.device)
     autocast, input_dtype = _precision(args, device)
     classes = parse_class_names(args.zeroshot_classnames)
-    labelled = [_loaded.get((name, path)) or load_labelled_set(
-        name, path, len(classes), args.csv_img_key, args.zeroshot_label_key, args.csv_separator)
-        for name, path in sets]
+    labelled = [_loaded.get((name, path)) for name, path in sets]
+    if any(s is None for s in labelled):  # not read by validate (a caller that skipped it)
+        folders = _class_folders(args, len(classes))
+        labelled = [s or _load(args, name, path, classes, folders) for s, (name, path) in zip(labelled, sets)]
     was_training = model.training
     model.eval()
     try:
