@@ -189,7 +189,7 @@ def run_conversion(args) -> int:
     return 0
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m2mix-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--out", required=True, help="Output folder.")
@@ -197,6 +197,11 @@ def main(argv=None):
     parser.add_argument("--shard-size", type=int, default=None,
                         help="Samples per webdataset shard (default 256; with --from, 1000).")
     add_conversion_arguments(parser)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.source is not None:
         if args.limit is not None:

@@ -42,8 +42,8 @@ Conventions, the same as OpenCLIP's trainer uses for the same files:
   class indices joined by ``;``, or ``-`` to leave the folder out), the folder's name equal to
   one class name, the folder's name a class index (ImageNet-V2's ``0`` .. ``999``). A tree whose
   folders cover only some of the classes (ImageNet-R, -A: 200 of ImageNet's 1000) or map to
-  several classes each (ObjectNet: 113 folders to 313 ImageNet classes) is scored over its own
-  classes only: :attr:`LabelledSet.class_groups`, the projection of WiSE-FT's evaluation
+  several classes each (ObjectNet: 113 of its folders to 125 ImageNet classes) is scored over
+  its own classes only: :attr:`LabelledSet.class_groups`, the projection of WiSE-FT's evaluation
   (:func:`m2mix_openclip.metrics.restrict_to_class_groups`).
 
 Every function raises (``ValueError``, ``FileNotFoundError``) with a message that names the file,

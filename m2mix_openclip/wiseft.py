@@ -59,10 +59,10 @@ def _cpu_copy(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def _set_scores(model, preprocess, tokenizer, sets: Sequence[Tuple[str, LabelledSet]], class_names, templates,
-                batch_size, device) -> Dict[str, Dict[str, Optional[float]]]:
+                batch_size, device, workers) -> Dict[str, Dict[str, Optional[float]]]:
     """set name -> {"top1", "top5" (None below 5 classes), "ece"}, by the one zero-shot implementation."""
     scores = labelled_set_metrics(model, preprocess, tokenizer, [s for _, s in sets], class_names, templates,
-                                  batch_size, device)
+                                  batch_size, device, workers=workers)
     return {s.name: {k: scores.get(set_metric_key(s.name, k)) for k in ("top1", "top5", "ece")} for _, s in sets}
 
 
@@ -70,7 +70,8 @@ def _set_scores(model, preprocess, tokenizer, sets: Sequence[Tuple[str, Labelled
 def interpolation_records(model, preprocess, tokenizer, finetuned: Dict[str, Dict[str, torch.Tensor]],
                           alphas: Sequence[float], sets: Sequence[Tuple[str, LabelledSet]],
                           class_names: Sequence[str], templates: Sequence[str], batch_size: int = 256,
-                          device="cpu", progress: bool = True, save: Optional[str] = None) -> List[dict]:
+                          device="cpu", progress: bool = True, save: Optional[str] = None,
+                          workers: int = 0) -> List[dict]:
     """The flat records of every fine-tuned model, alpha and set.
 
     Args:
@@ -79,6 +80,7 @@ def interpolation_records(model, preprocess, tokenizer, finetuned: Dict[str, Dic
         finetuned: label -> the fine-tuned model's state dict.
         sets: (split, labelled set) pairs, split "id" or "ood".
         save: a folder to write each interpolated state dict to (``LABEL-alphaA.pt``), or None.
+        workers: DataLoader processes that decode the images (0: this process).
     Returns:
         ``{"model", "alpha", "set", "split", "top1", "top5", "ece"}`` per model, alpha and set, in
         that order; alpha 0 (the zero-shot model) is scored once and recorded for every model.
@@ -90,7 +92,8 @@ def interpolation_records(model, preprocess, tokenizer, finetuned: Dict[str, Dic
     bar = tqdm(total=runs, desc="m2mix-wiseft", unit="model", disable=not progress, leave=False)
     zero_shot_scores = None
     if 0 in alphas:
-        zero_shot_scores = _set_scores(model, preprocess, tokenizer, sets, class_names, templates, batch_size, device)
+        zero_shot_scores = _set_scores(model, preprocess, tokenizer, sets, class_names, templates, batch_size, device,
+                                       workers)
         bar.update()
     records = []
     for label, theta in finetuned.items():
@@ -102,7 +105,8 @@ def interpolation_records(model, preprocess, tokenizer, finetuned: Dict[str, Dic
                 bar.set_postfix_str(f"{label}, alpha {alpha:g}")
                 merged = interpolate_state_dicts(zero_shot, theta, alpha)
                 model.load_state_dict(merged)
-                scores = _set_scores(model, preprocess, tokenizer, sets, class_names, templates, batch_size, device)
+                scores = _set_scores(model, preprocess, tokenizer, sets, class_names, templates, batch_size,
+                                     device, workers)
                 bar.update()
             if save is not None:
                 path = os.path.join(save, f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}-alpha{alpha:.2f}.pt")
@@ -221,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--label-key", default="label", help="CSV column of integer labels (default label).")
     data.add_argument("--csv-separator", default="\t", help="CSV separator (default tab).")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="Processes that decode the images (default 0: this one; a GPU wants several).")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--save-checkpoints", action="store_true",
                         help="Also write each interpolated model as a bare state dict, OUT/checkpoints/LABEL-alphaA.pt "
@@ -246,6 +252,8 @@ def _check_arguments(args) -> List[str]:
         raise ValueError(f"set names must be unique across --id and --ood; {twice} appear twice")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
     return labels
 
 
@@ -275,7 +283,7 @@ def run_wiseft(args) -> List[dict]:
         save = os.path.join(args.out, "checkpoints")
         os.makedirs(save, exist_ok=True)
     records = interpolation_records(model, preprocess, tokenizer, finetuned, alphas, sets, class_names, templates,
-                                    args.batch_size, device, save=save)
+                                    args.batch_size, device, save=save, workers=args.workers)
     os.makedirs(args.out, exist_ok=True)
     figure = os.path.join(args.out, FIGURE)
     best = best_alphas(records)

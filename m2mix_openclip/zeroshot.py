@@ -59,17 +59,18 @@ def set_metric_keys(set_names: Sequence[str]) -> List[str]:
 @torch.no_grad()
 def labelled_set_metrics(model, preprocess, tokenizer, sets: Sequence[LabelledSet], class_names: Sequence[str],
                          templates: Sequence[str], batch_size: int = 256, device="cpu",
-                         autocast=contextlib.nullcontext, input_dtype=None) -> Dict[str, float]:
+                         autocast=contextlib.nullcontext, input_dtype=None, workers: int = 0) -> Dict[str, float]:
     """Zero-shot scores of every labelled set, named ``NAME-zeroshot-SCORE``; the class-text
     classifier is built once, images go through the model in batches of ``batch_size`` under
-    ``autocast()``, cast to ``input_dtype``. A set with ``class_groups`` is scored over its own
+    ``autocast()``, cast to ``input_dtype``, decoded by ``workers`` DataLoader processes (0: in
+    this one). A set with ``class_groups`` is scored over its own
     classes. The model is used as it is (eval mode is the caller's)."""
     classifier = zero_shot_classifier(model, tokenizer, class_names, templates, device, autocast)
     scale = float(model.logit_scale.exp())
     out: Dict[str, float] = {}
     for labelled in sets:
         similarity = zero_shot_logits(model, preprocess, labelled.images, classifier, batch_size, device,
-                                      autocast, input_dtype)
+                                      autocast, input_dtype, workers)
         if labelled.class_groups is not None:
             similarity = restrict_to_class_groups(similarity, labelled.class_groups)
         for score, value in zero_shot_scores(similarity, labelled.labels, scale).items():

@@ -260,3 +260,11 @@ def test_errors_are_one_line(env, case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and (case == "alpha" or err.startswith("m2mix-wiseft: error: "))
     assert not os.path.exists(tmp_path / "o" / "wiseft.json")
+
+
+def test_images_decoded_by_workers_embed_alike(env):
+    from m2mix_openclip.encode import encode_images
+    model, preprocess, _ = load_model(env["model"], env["checkpoints"]["clip"])
+    images = the_sets(env)["rot"][0]  # shard bytes
+    alone = encode_images(model, preprocess, images, 8, progress=False)
+    assert torch.equal(encode_images(model, preprocess, images, 8, progress=False, workers=2), alone)
