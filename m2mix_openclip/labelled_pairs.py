@@ -44,7 +44,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -73,6 +72,7 @@ class LabelledSource:
     labels: List[int]
     class_folders: Optional[Dict[str, int]] = None
     origins: Optional[List[str]] = None  # shards: SHARD:KEY of each image, for messages
+    not_images: Sequence[str] = ()  # files in a tree's class folders without an image suffix, left out
 
 
 def _folder_class_names(root: str, folders: Sequence[str], class_names: Optional[List[str]]) -> Dict[str, int]:
@@ -107,10 +107,7 @@ def read_source(source: str, class_names: Optional[List[str]] = None, img_key: s
         for folder, files in tree.images.items():
             images += files
             labels += [mapping[folder]] * len(files)
-        if tree.left_out:
-            print(f"warning: {source}: {len(tree.left_out)} file(s) in class folders are not images by their suffix "
-                  f"and are left out, e.g. {tree.left_out[0]}", file=sys.stderr)
-        return LabelledSource("imagefolder", list(names), images, labels, mapping)
+        return LabelledSource("imagefolder", list(names), images, labels, mapping, not_images=tree.left_out)
     if class_names is None:
         raise ValueError(f"{source}: the labels of a CSV or of shards are class indices: give --classnames "
                          "(a file with one name per line, or a comma list)")
@@ -268,7 +265,8 @@ def convert(source: str, out: str, class_names: Optional[str] = None, templates:
             "shots": shots, "seed": seed, "templates": template_list, "all_templates": all_templates,
             "short_classes": [{"label": label, "class": names[label], "images": count}
                               for label, count in short.items()],
-            "unreadable_left_out": [[_describe(labelled, i), why] for i, why in unreadable]})
+            "unreadable_left_out": [[_describe(labelled, i), why] for i, why in unreadable],
+            "not_images_left_out": list(labelled.not_images)})
         with open(os.path.join(work, "conversion.json"), "w") as f:
             json.dump(summary, f, indent=2)
         _check_out(out)  # nothing appeared there meanwhile
@@ -358,4 +356,8 @@ def warnings_of(summary: dict, shots: Optional[int]) -> List[str]:
                         if shots is not None else "no image"))
     for image, why in summary["unreadable_left_out"]:
         lines.append(f"warning: left out (--skip-unreadable): {image} ({why})")
+    not_images = summary["not_images_left_out"]
+    if not_images:
+        lines.append(f"warning: {len(not_images)} file(s) in class folders are not images by their suffix and are "
+                     f"left out (conversion.json lists them), e.g. {not_images[0]}")
     return lines

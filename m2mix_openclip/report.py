@@ -2,7 +2,8 @@
 
 One table of metrics serves the tables of ``m2mix-analyze`` and ``m2mix-demo`` (row names and
 order) and the figures of :mod:`m2mix_openclip.plots` (panel titles, "lower is better" marks,
-axis ranges), so that a figure, a table and the README say the same thing.
+axis ranges), so that a figure, a table and the README say the same thing; and how the tools
+name a model from its checkpoint's path (:func:`short_unique_names`).
 """
 
 from __future__ import annotations

@@ -130,10 +130,13 @@ def test_the_three_forms_give_the_same_pairs(tmp_path):
     assert sorted((p["image"], p["caption"], str(p["label"])) for p in shard_pairs) == tree_rows
 
 
-def test_class_names_of_a_tree_and_its_class_folder_map(tmp_path):
+def test_class_names_of_a_tree_and_its_class_folder_map(tmp_path, capsys):
     source = make_tree(tmp_path / "train", {"n003": 2, "n001": 1, "n002": 1})
-    convert(source, str(tmp_path / "by-folder"))
+    (tmp_path / "train" / "n002" / "labels.txt").write_text("not an image")
+    assert data_main(["--from", source, "--out", str(tmp_path / "by-folder")]) == 0
     assert (tmp_path / "by-folder" / "classnames.txt").read_text() == "n001\nn002\nn003\n"
+    assert f"1 file(s) in class folders are not images by their suffix and are left out (conversion.json lists " \
+           f"them), e.g. {source}/n002/labels.txt" in capsys.readouterr().err
     # as many names as folders: the i-th name for the i-th folder in sorted order (ImageNet's wnids)
     convert(source, str(tmp_path / "sorted"), class_names="tench,goldfish,shark")
     assert {r["title"] for r in rows(tmp_path / "sorted" / "train.csv") if r["filepath"].split("/")[-2] == "n003"} \

@@ -7,7 +7,10 @@ labelled (shifted) sets at every OpenCLIP evaluation.
 
 gives ``clean-zeroshot-top1``, ``clean-zeroshot-top5`` (at least 5 classes),
 ``clean-zeroshot-ece``, ``rot-zeroshot-top1``, ... in the console, ``results.jsonl``,
-tensorboard and wandb, beside OpenCLIP's own figures. The sets are read and checked when the
+tensorboard and wandb, beside OpenCLIP's own figures. A set is a CSV, webdataset shards or an
+ImageFolder tree, whose folders map to classes by ``--zeroshot-class-folders``, by class name or by
+index; a tree of some of the classes (ImageNet-R, ObjectNet) is scored over those classes
+(:mod:`m2mix_openclip.datasets`). The sets are read and checked when the
 arguments are parsed, before the model is built; the class-text classifier is built once per
 evaluation, images go through the model in batches of ``--batch-size``, under the run's
 ``--precision``. The reading, scoring and naming are :mod:`m2mix_openclip.zeroshot`'s, whose
