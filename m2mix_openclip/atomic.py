@@ -20,6 +20,9 @@ def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # as open() would make it: mkstemp's file is private (0600)
         with os.fdopen(handle, "wb") as f:
             write(f)
             f.flush()

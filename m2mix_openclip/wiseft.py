@@ -18,10 +18,11 @@ ImageFolder tree; a tree whose folders cover only some of the classes (ImageNet-
 is scored over its own classes (docs/classification.md). Alpha 0 is the zero-shot model, scored
 once for every curve.
 
-Writes OUT/wiseft.png (mean shifted top-1 against in-distribution top-1, one curve per fine-tuned
-model) and OUT/wiseft.json (a list of records {"model", "alpha", "set", "split", "top1", "top5",
-"ece"}; top5 is null below 5 classes), each whole or not at all, the JSON last; prints the top-1
-table and the best alpha of each model by in-distribution and by shifted accuracy.
+Prints the top-1 table and the best alpha of each model by in-distribution and by shifted
+accuracy. With --out OUT, also writes OUT/wiseft.png (mean shifted top-1 against in-distribution
+top-1, one curve per fine-tuned model) and OUT/wiseft.json (a list of records {"model", "alpha",
+"set", "split", "top1", "top5", "ece"}; top5 is null below 5 classes), each whole or not at all,
+the JSON last.
 Checkpoints load with weights_only=True. Errors end in one line (exit 2); --debug shows the traceback.
 """
 
@@ -232,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Also write each interpolated model as a bare state dict, OUT/checkpoints/LABEL-alphaA.pt "
                              "(loadable by --checkpoint, or by m2mix-train --resume).")
     parser.add_argument("--debug", action="store_true", help="Show the full traceback of an error.")
-    parser.add_argument("--out", required=True, help="Output folder: wiseft.json, wiseft.png.")
+    parser.add_argument("--out", default=None,
+                        help="Output folder: wiseft.json, wiseft.png (without it, the table is printed only).")
     return parser
 
 
@@ -254,6 +256,8 @@ def _check_arguments(args) -> List[str]:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers < 0:
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+    if args.save_checkpoints and args.out is None:
+        raise ValueError("--save-checkpoints writes into --out DIR/checkpoints: give --out")
     return labels
 
 
@@ -284,14 +288,16 @@ def run_wiseft(args) -> List[dict]:
         os.makedirs(save, exist_ok=True)
     records = interpolation_records(model, preprocess, tokenizer, finetuned, alphas, sets, class_names, templates,
                                     args.batch_size, device, save=save, workers=args.workers)
+    table = format_wiseft_table(records, sets, len(class_names))
+    if args.out is None:
+        print(f"{table}\n\n(--out DIR writes wiseft.json and the figure)\ntook {time.time() - started:.0f} s")
+        return records
     os.makedirs(args.out, exist_ok=True)
     figure = os.path.join(args.out, FIGURE)
-    best = best_alphas(records)
     id_names = ", ".join(s.name for split, s in sets if split == "id")
     ood_names = ", ".join(s.name for split, s in sets if split == "ood")
-    plot_weight_interpolation(curve_points(records), figure, id_names, ood_names, best)
-    close_run(os.path.join(args.out, "wiseft.json"), records, format_wiseft_table(records, sets, len(class_names)),
-              [figure], started)
+    plot_weight_interpolation(curve_points(records), figure, id_names, ood_names, best_alphas(records))
+    close_run(os.path.join(args.out, "wiseft.json"), records, table, [figure], started)
     return records
 
 

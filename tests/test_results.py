@@ -63,3 +63,14 @@ def test_a_run_whose_figures_fail_writes_no_json(tmp_path, monkeypatch):
                    ["alignment"], "one model")
     assert not (tmp_path / "results.json").exists()
     assert sorted(os.listdir(tmp_path)) == sorted([FIGURES["sphere"], FIGURES["cosines"]])
+
+
+def test_written_files_have_the_permissions_open_gives(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        write_json(str(tmp_path / "r.json"), {"run": 1})
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(umask)
+    assert os.stat(tmp_path / "r.json").st_mode & 0o777 == os.stat(tmp_path / "plain.txt").st_mode & 0o777 == 0o644

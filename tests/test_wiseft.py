@@ -268,3 +268,25 @@ def test_images_decoded_by_workers_embed_alike(env):
     images = the_sets(env)["rot"][0]  # shard bytes
     alone = encode_images(model, preprocess, images, 8, progress=False)
     assert torch.equal(encode_images(model, preprocess, images, 8, progress=False, workers=2), alone)
+
+
+def test_without_out_the_table_is_printed_only(env, tmp_path, capsys):
+    argv = [a for a in env["argv"]]
+    i = argv.index("--out")
+    del argv[i:i + 2]
+    assert main(argv + ["--alphas", "0", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "best alpha by shifted top-1: clip alpha" in printed and "(--out DIR writes wiseft.json" in printed
+    assert main(argv + ["--save-checkpoints"]) == 2
+    assert "--save-checkpoints writes into --out" in capsys.readouterr().err
+
+
+def test_save_checkpoints_writes_each_interpolated_model(env, tmp_path):
+    argv = list(env["argv"])
+    argv[argv.index("--out") + 1] = str(tmp_path / "o")
+    assert main(argv + ["--alphas", "0", "0.5", "--labels", "clip", "m/2", "--save-checkpoints"]) == 0
+    saved = sorted(os.listdir(tmp_path / "o" / "checkpoints"))
+    assert saved == ["clip-alpha0.00.pt", "clip-alpha0.50.pt", "m_2-alpha0.00.pt", "m_2-alpha0.50.pt"]
+    half = torch.load(tmp_path / "o" / "checkpoints" / "m_2-alpha0.50.pt", weights_only=True)
+    theta0, theta1 = state(env["checkpoints"]["zeroshot"]), state(env["checkpoints"]["m2mix"])
+    assert all(torch.allclose(half[k], 0.5 * theta0[k] + 0.5 * theta1[k], atol=1e-7) for k in theta0)
