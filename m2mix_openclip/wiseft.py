@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--csv-img-key", default="filepath", help="CSV column of image paths (default filepath).")
     data.add_argument("--label-key", default="label", help="CSV column of integer labels (default label).")
     data.add_argument("--csv-separator", default="\t", help="CSV separator (default tab).")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="Images per forward pass (default 256).")
     parser.add_argument("--workers", type=int, default=0,
                         help="Processes that decode the images (default 0: this one; a GPU wants several).")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")

@@ -14,6 +14,7 @@ from trainer_utils import common_args, launcher, read_log, results, run, write_t
 
 from m2mix_openclip.data import CLASS_NAMES, write_dataset
 from m2mix_openclip.datasets import load_labelled_set
+from m2mix_openclip.integration.openclip_compat import model_name as openclip_name
 
 pytestmark = pytest.mark.slow
 TEMPLATES = "a handwritten digit {c};the number {c}"
@@ -27,7 +28,7 @@ def workflow(tmp_path_factory):
     data.update(write_dataset(str(base / "digits"), splits=("finetune",), shifts=()))  # every class has 4 images
     model = write_tiny_model(str(base / "model"))
     torch.manual_seed(0)  # the "zero-shot" model: fixed weights that both fine-tunes start from
-    torch.save(open_clip.create_model_and_transforms(model)[0].state_dict(), base / "zeroshot.pt")
+    torch.save(open_clip.create_model_and_transforms(openclip_name(model))[0].state_dict(), base / "zeroshot.pt")
     # the rotated test images of three classes as an ImageFolder tree, folders named by class index
     rotated = load_labelled_set("r", data["test-rotate"]["csv"], 10)
     for path, label in zip(rotated.images, rotated.labels.tolist()):

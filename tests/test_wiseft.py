@@ -14,6 +14,7 @@ from test_plots import layout_problems
 from m2mix_openclip.data import CLASS_NAMES, write_dataset
 from m2mix_openclip.datasets import load_labelled_set
 from m2mix_openclip.demo import write_local_model
+from m2mix_openclip.integration.openclip_compat import model_name as openclip_name  # local-dir: before 3.0 too
 from m2mix_openclip.models import interpolate_state_dicts, load_model
 from m2mix_openclip.plots import plot_weight_interpolation
 from m2mix_openclip.wiseft import RECORD_KEYS, best_alphas, curve_points, main
@@ -29,9 +30,9 @@ def env(tmp_path_factory):
     model = write_local_model(str(base / "model"))
     checkpoints = {}
     torch.manual_seed(0)
-    zero_shot = open_clip.create_model_and_transforms(model)[0]
+    zero_shot = open_clip.create_model_and_transforms(openclip_name(model))[0]
     for seed, name in ((0, "zeroshot"), (1, "clip"), (2, "m2mix")):
-        net = open_clip.create_model_and_transforms(model)[0]
+        net = open_clip.create_model_and_transforms(openclip_name(model))[0]
         with torch.no_grad():  # "fine-tuned" models near the zero-shot one, each with a logit scale of its own
             for p, p0 in zip(net.parameters(), zero_shot.parameters()):
                 p.copy_(p0 + (0.05 * torch.randn_like(p) if seed else 0))
@@ -84,6 +85,7 @@ def plain_ece(confidence, correct, bins=15):
 def independent_scores(model_name, weights, images, labels, classes=None):
     """Zero-shot top-1, top-5 and ECE, one image and one prompt at a time, from open_clip directly;
     ``classes``: the set's own classes (logits restricted to them, labels their positions)."""
+    model_name = openclip_name(model_name)
     model, _, preprocess = open_clip.create_model_and_transforms(model_name)
     model.load_state_dict(weights)
     model.eval()
@@ -242,7 +244,7 @@ def test_errors_are_one_line(env, case, tmp_path, capsys):
                                                           "head_width": 32},
                           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 1,
                                        "layers": 1}}, "preprocess_cfg": {}})
-        torch.save(open_clip.create_model_and_transforms(other)[0].state_dict(), tmp_path / "other.pt")
+        torch.save(open_clip.create_model_and_transforms(openclip_name(other))[0].state_dict(), tmp_path / "other.pt")
         argv[argv.index("--finetuned") + 2] = str(tmp_path / "other.pt")
         message = f"checkpoint {tmp_path / 'other.pt'} does not fit model"
     elif case == "alpha":
