@@ -31,7 +31,6 @@ import torch
 
 from .datasets import (
     clip_benchmark_set,
-    is_clip_benchmark_root,
     load_clip_benchmark_pairs,
     load_pairs,
     parse_class_names,
@@ -39,20 +38,10 @@ from .datasets import (
 from .encode import class_text_features, encode_grouped
 from .evaluation import evaluate_features
 from .models import load_model
+from .report import short_unique_names
 from .results import finish_run
 from .simat import DEFAULT_SCALES, load_simat, simat_evaluate
 from .zeroshot import DEFAULT_TEMPLATES
-
-
-def short_unique_names(paths: Sequence[str]) -> List[str]:
-    """The shortest trailing path parts that tell the paths apart: ``epoch_10.pt`` alone, or
-    ``finetune-clip/checkpoints/epoch_10.pt`` beside ``finetune-m2mix/checkpoints/epoch_10.pt``."""
-    parts = [os.path.normpath(p).split(os.sep) for p in paths]
-    for depth in range(1, max(len(p) for p in parts) + 1):
-        names = ["/".join(p[-depth:]) for p in parts]
-        if len(set(names)) == len(names):
-            return names
-    return [str(p) for p in paths]  # the same path twice
 
 
 def model_labels(args) -> List[str]:
@@ -91,7 +80,7 @@ def analyze(args) -> dict:
     class_names = parse_class_names(args.class_names) if args.class_names is not None else None
     templates = _templates(args.templates) if args.templates is not None else None
     source, heading = {}, []
-    if is_clip_benchmark_root(args.data):
+    if os.path.isdir(args.data):  # the one folder form of --data: CLIP_benchmark's
         if args.image_id_key is not None:
             raise ValueError("--image-id-key does not apply to a CLIP_benchmark folder: its samples are its images "
                              "(a retrieval sample's captions are the lines of its .txt)")

@@ -12,6 +12,13 @@ With ``--layout clip_benchmark`` every set is a CLIP_benchmark webdataset folder
 ``m2mix-analyze --data DIR/digits``): ``digits`` (splits pretrain, finetune, test), ``digits_rotate``,
 ``digits_blur``, ``digits_noise`` (test) with ``classnames.txt`` and
 ``zeroshot_classification_templates.txt``, and ``digits_captions`` (test, a retrieval set).
+
+With ``--from SRC`` it turns your own labelled images (an ImageFolder tree, a CSV with an integer
+label column, or webdataset shards with .cls members) into class-prompt training pairs, optionally
+K-shot (:mod:`m2mix_openclip.labelled_pairs`):
+
+    m2mix-data --from imagenet/train --classnames names.txt --templates 'a photo of a {c}.' \
+        --shots 16 --seed 0 --out pairs   # pairs/train.csv, labelled.csv, classnames.txt, class_folders.tsv
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import csv
 import io
 import json
 import os
+import sys
 import tarfile
 from typing import Dict, Optional, Sequence
 
@@ -217,23 +225,91 @@ def write_clip_benchmark_layout(out_dir: str, splits: Sequence[str] = SPLITS, li
     return manifest
 
 
-def main(argv=None):
+# the flags of --from, and their defaults (each must keep its default without --from)
+CONVERSION_DEFAULTS = {"classnames": None, "templates": None, "all_templates": False, "shots": None, "seed": 0,
+                       "shards": False, "csv_img_key": "filepath", "csv_label_key": "label", "csv_separator": "\t",
+                       "skip_unreadable": False, "workers": 1}
+
+
+def add_conversion_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``--from`` (labelled images to training pairs)."""
+    group = parser.add_argument_group("your labelled images to training pairs (--from)")
+    group.add_argument("--from", dest="source", default=None, metavar="SRC",
+                       help="Labelled images: an ImageFolder tree (a folder per class), a CSV with an image and an "
+                            "integer label column, or webdataset shards with .cls members.")
+    group.add_argument("--classnames", default=None, metavar="FILE_OR_LIST",
+                       help="Class names (a file, one per line, or a comma list); needed for a CSV or shards. For a "
+                            "tree: by folder name, else in sorted folder order. Default: the folder names.")
+    group.add_argument("--templates", default=None, metavar="FILE_OR_LIST",
+                       help="Caption templates with {c} for the class name: a file, one per line, or a ';' list. "
+                            "Default: 'a photo of a {c}.'")
+    group.add_argument("--all-templates", action="store_true",
+                       help="Every template as its own row (default: one drawn per image with --seed).")
+    group.add_argument("--shots", type=int, default=None, metavar="K",
+                       help="Keep exactly K images per class (all of a class that has fewer, with a warning).")
+    group.add_argument("--seed", type=int, default=0, help="Seed of the K-shot draw and of the templates. Default 0.")
+    group.add_argument("--shards", action="store_true", help="Also write webdataset shards (OUT/shards/).")
+    group.add_argument("--csv-img-key", default="filepath", help="Image column of a CSV source. Default filepath.")
+    group.add_argument("--csv-label-key", default="label", help="Integer label column of a CSV source. Default label.")
+    group.add_argument("--csv-separator", default="\t", help="Separator of a CSV source. Default tab.")
+    group.add_argument("--skip-unreadable", action="store_true",
+                       help="Leave out images that cannot be decoded (listed as warnings) instead of stopping.")
+    group.add_argument("--workers", type=int, default=1,
+                       help="Processes that decode the images to check them (without --shots). Default 1.")
+
+
+def run_conversion(args) -> int:
+    """``m2mix-data --from``: one line and exit 2 on bad input."""
+    from .labelled_pairs import DEFAULT_TEMPLATES, convert, report, warnings_of
+    try:
+        summary = convert(args.source, args.out, args.classnames, args.templates or DEFAULT_TEMPLATES,
+                          args.all_templates, args.shots, args.seed, args.shards,
+                          args.shard_size if args.shard_size is not None else 1000, args.csv_img_key,
+                          args.csv_label_key, args.csv_separator, args.skip_unreadable, args.workers)
+    except (OSError, ValueError) as e:
+        print(f"m2mix-data: error: {e}", file=sys.stderr)
+        return 2
+    for line in warnings_of(summary, args.shots):
+        print(line, file=sys.stderr)
+    print("\n".join(report(summary, args.shots)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m2mix-data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--out", required=True, help="Output folder.")
     parser.add_argument("--limit", type=int, default=None, help="At most this many samples per split.")
-    parser.add_argument("--shard-size", type=int, default=256, help="Samples per webdataset shard.")
+    parser.add_argument("--shard-size", type=int, default=None,
+                        help="Samples per webdataset shard (default 256; with --from, 1000).")
     parser.add_argument("--layout", choices=["openclip", "clip_benchmark"], default="openclip",
                         help="openclip (default): CSV files and shards for OpenCLIP's trainer; clip_benchmark: "
                              "CLIP_benchmark webdataset folders (clip_benchmark eval --dataset wds/digits "
                              "--dataset_root OUT/digits), also read by --zeroshot-data and m2mix-analyze --data.")
+    add_conversion_arguments(parser)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.source is not None:
+        if args.limit is not None:
+            parser.error("--limit is for the bundled digits; with --from use --shots")
+        if args.layout != "openclip":
+            parser.error("--layout clip_benchmark is for the bundled digits; --from writes OpenCLIP's layout "
+                         "(train.csv, labelled.csv, shards with --shards)")
+        return run_conversion(args)
+    given = [f"--{k.replace('_', '-')}" for k, default in CONVERSION_DEFAULTS.items() if getattr(args, k) != default]
+    if given:
+        parser.error(f"{', '.join(given)} need(s) --from SRC (without it m2mix-data writes the bundled digits)")
+    shard_size = args.shard_size or 256
     if args.layout == "clip_benchmark":
-        for name, m in write_clip_benchmark_layout(args.out, limit=args.limit, shard_size=args.shard_size).items():
+        for name, m in write_clip_benchmark_layout(args.out, limit=args.limit, shard_size=shard_size).items():
             splits = ", ".join(f"{split} {count}" for split, count in m["splits"].items())
             print(f"{name:16s} {m['task']:14s} {splits}  {m['root']}")
         return 0
-    manifest = write_dataset(args.out, limit=args.limit, shard_size=args.shard_size)
+    manifest = write_dataset(args.out, limit=args.limit, shard_size=shard_size)
     for name, m in manifest.items():
         print(f"{name:16s} {m['num_samples']:5d} samples  {m['csv']}  {m['shards']}")
     return 0

@@ -2,9 +2,11 @@
 
 The one place that turns files into samples, for the training pre-flight checks
 (:mod:`m2mix_openclip.integration.preflight`), evaluation (``m2mix-analyze``, ``m2mix-demo``) and
-zero-shot classification (the ``--zeroshot-data`` hook). A new data form (an ImageFolder tree, say)
-is a new branch of :func:`load_pairs` / :func:`load_labelled_set` here and nowhere else; a folder is
-read as CLIP_benchmark's webdataset layout (:func:`clip_benchmark_set`).
+zero-shot classification (the ``--zeroshot-data`` hook, ``m2mix-wiseft``) and the converter of
+labelled images to training pairs (``m2mix-data --from``). A new data form is a new branch of
+:func:`load_pairs` / :func:`read_labelled` here and nowhere else; a folder is read as
+CLIP_benchmark's webdataset layout (:func:`clip_benchmark_set`) where it has one, else as an
+ImageFolder tree (:func:`load_image_folder`).
 
 Evaluation in layers (each module imports only from the floors below it; ``tests/test_layers.py``):
 
@@ -42,6 +44,17 @@ Conventions, the same as OpenCLIP's trainer uses for the same files:
   ``ROOT/dataset_type.txt`` (``retrieval``; missing: classification). A sample's image is its
   first ``webp``/``png``/``jpg``/``jpeg`` member (its order), its label ``cls``, and in a retrieval
   set its captions the lines of ``txt`` (``str.splitlines``), all of one image.
+- ImageFolder trees (torchvision's layout, :func:`read_image_folder`): one folder per class under
+  the root, its images anywhere below it (files with torchvision's image suffixes, sorted);
+  files at the root and hidden files are not read. As a labelled set
+  (:func:`load_image_folder`) a folder maps to classes of the class list, folder by folder, by
+  the first rule that fits: the ``--class-folders`` map (``FOLDER<TAB>CLASSES`` lines, 0-based
+  class indices joined by ``;``, or ``-`` to leave the folder out), the folder's name equal to
+  one class name, the folder's name a class index (ImageNet-V2's ``0`` .. ``999``). A tree whose
+  folders cover only some of the classes (ImageNet-R, -A: 200 of ImageNet's 1000) or map to
+  several classes each (ObjectNet: 113 of its folders to 125 ImageNet classes) is scored over
+  its own classes only: :attr:`LabelledSet.class_groups`, the projection of WiSE-FT's evaluation
+  (:func:`m2mix_openclip.metrics.restrict_to_class_groups`).
 
 Every function raises (``ValueError``, ``FileNotFoundError``) with a message that names the file,
 the line or sample, and the fix; the tools turn it into one line.
@@ -56,6 +69,7 @@ import io
 import os
 import re
 import tarfile
+import warnings
 from dataclasses import dataclass
 from typing import Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -64,14 +78,17 @@ from PIL import Image
 
 __all__ = ["IMAGE_EXTENSIONS", "MissingImageError", "missing_image_error", "resolve_image", "read_csv_rows",
            "shard_patterns", "shard_files", "iter_shard_members", "read_shard_samples", "load_pairs", "group_by_image",
-           "open_image", "LabelledSet", "load_labelled_set", "parse_class_names", "parse_templates",
+           "open_image", "LabelledSet", "read_labelled", "load_labelled_set", "parse_class_names", "parse_templates",
            "CLIP_BENCHMARK_IMAGE_EXTENSIONS", "ClipBenchmarkSet", "is_clip_benchmark_root", "clip_benchmark_set",
-           "load_clip_benchmark_pairs"]
+           "load_clip_benchmark_pairs", "IMAGE_FILE_SUFFIXES", "ImageFolderTree", "read_image_folder",
+           "parse_class_folders", "map_class_folders", "load_image_folder"]
 
 # the image members OpenCLIP's webdataset pipeline takes, in its order of preference (image="jpg;png;jpeg;webp")
 IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")
 # the image members CLIP_benchmark's wds reader takes, in its order (to_tuple(["webp", "png", "jpg", "jpeg"], ...))
 CLIP_BENCHMARK_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
+# the files torchvision's ImageFolder takes (torchvision.datasets.folder.IMG_EXTENSIONS), any case
+IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CSV_SUFFIXES = (".csv", ".tsv")
 SHARD_HELP = ("a .csv/.tsv file, or .tar shards as a path, a glob or a brace pattern such as "
               "'shard-{000000..000009}.tar'")
@@ -256,7 +273,7 @@ def load_pairs(data: str, img_key: str = "filepath", caption_key: str = "title",
     the CSV, else the SHA-1 of the image bytes in shards. Shard samples without an image or a
     caption are left out, as OpenCLIP's trainer leaves them out.
     """
-    if is_clip_benchmark_root(data):
+    if os.path.isdir(data):  # image-caption pairs come in one folder form: CLIP_benchmark's
         return load_clip_benchmark_pairs(clip_benchmark_set(data, split), limit=limit)
     if _is_csv(data):
         columns = {img_key: "--csv-img-key", caption_key: "--csv-caption-key"}
@@ -310,14 +327,27 @@ def group_by_image(pairs: Sequence[dict]) -> Tuple[List[int], torch.Tensor]:
 # -- labelled sets --------------------------------------------------------------------------------
 @dataclass
 class LabelledSet:
-    """Images (paths or encoded bytes) with integer labels in [0, num_classes); the class names and
-    templates it is scored with, where they belong to the set (a CLIP_benchmark folder's)."""
+    """Images (paths or encoded bytes) with integer labels.
+
+    ``class_names`` / ``templates``: what the set is scored with where they belong to the set (a
+    CLIP_benchmark folder's, or the flags' given for it). ``class_groups`` None: a label is an
+    index of the class list. Otherwise the set is scored over its own classes only: label g stands
+    for the classes ``class_groups[g]`` (indices of the class list; one for a folder of
+    ImageNet-R, several for a folder of ObjectNet), and a zero-shot logit of g is the largest of
+    its classes' logits."""
     name: str
     source: str
     images: List[Union[str, bytes]]
     labels: torch.Tensor  # (N,) int64
     class_names: Optional[List[str]] = None
     templates: Optional[List[str]] = None
+    class_groups: Optional[List[Tuple[int, ...]]] = None
+    origins: Optional[List[str]] = None  # where each image of bytes came from, for messages: SHARD:KEY
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """The classes the set is scored over: its groups, or None for the whole class list."""
+        return None if self.class_groups is None else len(self.class_groups)
 
 
 def _labelled_from_csv(path: str, img_key: str, label_key: str, sep: str, column_flags: Tuple[str, str]):
@@ -329,46 +359,218 @@ def _labelled_from_csv(path: str, img_key: str, label_key: str, sep: str, column
 
 
 def _labelled_from_shards(spec: Union[str, Sequence[str]], extensions: Sequence[str] = IMAGE_EXTENSIONS):
-    images, labels = [], []
+    images, labels, keys = [], [], []
     for key, sample in read_shard_samples(spec, tuple(extensions) + ("cls",)).items():
         image = _shard_image(sample, extensions)
         if image is None or "cls" not in sample:
             raise ValueError(f"sample {key} lacks an image ({'/'.join(extensions)}) or a .cls label")
         images.append(image)
         labels.append(_label(sample["cls"], f"sample {key} .cls"))
-    return images, labels
+        keys.append(key)
+    return images, labels, keys
+
+
+def read_labelled(source: str, num_classes: int, img_key: str = "filepath", label_key: str = "label",
+                  sep: str = "\t", column_flags: Tuple[str, str] = ("--csv-img-key", "--zeroshot-label-key"),
+                  class_names: Optional[Sequence[str]] = None,
+                  class_folders: Optional[Mapping[str, Tuple[int, ...]]] = None, split: str = "test") -> LabelledSet:
+    """Reads and checks a labelled set: a CSV (an image column and an integer label column),
+    webdataset shards (an image and a ``cls`` member per sample), a CLIP_benchmark classification
+    folder (its ``split``; :func:`clip_benchmark_set`), or any other folder as an ImageFolder tree
+    (:func:`load_image_folder`, which needs ``class_names``).
+
+    Raises:
+        FileNotFoundError, ValueError: naming the file and the problem: a missing file or image,
+            a missing column, a sample without an image or label, a label that is not an
+            integer or lies outside ``0..num_classes - 1``, a folder that maps to no class, or
+            no sample at all.
+    """
+    origins = None
+    if is_clip_benchmark_root(source):
+        images, labels, origins = _labelled_from_clip_benchmark(clip_benchmark_set(source, split))
+    elif os.path.isdir(source):
+        if class_names is None:
+            raise ValueError(f"{source} is a folder (an ImageFolder tree): its folders map to classes by name, "
+                             "so it needs the class names")
+        return load_image_folder(source, class_names, class_folders)
+    elif _is_csv(source):
+        images, labels = _labelled_from_csv(source, img_key, label_key, sep, column_flags)
+    else:
+        images, labels, origins = _labelled_from_shards(source)
+    if not images:
+        raise ValueError(f"{source}: holds no sample")
+    labels_t = torch.tensor(labels, dtype=torch.int64)
+    low, high = int(labels_t.min()), int(labels_t.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"{source}: labels range over {low}..{high}, but the class list has {num_classes} "
+                         f"names (labels must lie in 0..{num_classes - 1})")
+    return LabelledSet(source, source, images, labels_t, origins=origins)
 
 
 def load_labelled_set(name: str, source: str, num_classes: int, img_key: str = "filepath",
                       label_key: str = "label", sep: str = "\t",
                       column_flags: Tuple[str, str] = ("--csv-img-key", "--zeroshot-label-key"),
+                      class_names: Optional[Sequence[str]] = None,
+                      class_folders: Optional[Mapping[str, Tuple[int, ...]]] = None,
                       split: str = "test") -> LabelledSet:
-    """Reads and checks a labelled set: a CSV (an image column and an integer label column),
-    webdataset shards (an image and a ``cls`` member per sample) or a CLIP_benchmark
-    classification folder (its ``split``; :func:`clip_benchmark_set`).
+    """:func:`read_labelled` under the set's name.
 
     Raises:
-        ValueError: ``zero-shot set 'NAME': `` and the problem: a missing file or image, a
-            missing column, a sample without an image or label, a label that is not an integer
-            or lies outside ``0..num_classes - 1``, or no sample at all.
+        ValueError: ``zero-shot set 'NAME': `` and the problem (see :func:`read_labelled`).
     """
     try:
-        if is_clip_benchmark_root(source):
-            images, labels = _labelled_from_clip_benchmark(clip_benchmark_set(source, split))
-        elif _is_csv(source):
-            images, labels = _labelled_from_csv(source, img_key, label_key, sep, column_flags)
-        else:
-            images, labels = _labelled_from_shards(source)
-        if not images:
-            raise ValueError(f"{source}: holds no sample")
-        labels_t = torch.tensor(labels, dtype=torch.int64)
-        low, high = int(labels_t.min()), int(labels_t.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"{source}: labels range over {low}..{high}, but the class list has {num_classes} "
-                             f"names (labels must lie in 0..{num_classes - 1})")
+        labelled = read_labelled(source, num_classes, img_key, label_key, sep, column_flags, class_names,
+                                 class_folders, split)
     except (OSError, ValueError) as e:
         raise ValueError(f"zero-shot set {name!r}: {e}") from None
-    return LabelledSet(name, source, images, labels_t)
+    labelled.name = name
+    return labelled
+
+
+# -- ImageFolder trees ----------------------------------------------------------------------------
+@dataclass
+class ImageFolderTree:
+    """An ImageFolder tree: ``images`` maps each class folder's name (sorted) to its image files
+    (sorted paths under ``root``); ``left_out`` lists the files in class folders that are not
+    images by their suffix (:data:`IMAGE_FILE_SUFFIXES`)."""
+    root: str
+    images: Dict[str, List[str]]
+    left_out: List[str]
+
+
+def read_image_folder(root: str) -> ImageFolderTree:
+    """The class folders of ``root`` and their images, as torchvision's ``ImageFolder`` finds
+    them (see the module docstring); hidden files and folders are skipped.
+
+    Raises:
+        FileNotFoundError: no such folder. ValueError: no class folder, or an empty one (named).
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: no such folder")
+    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not folders:
+        raise ValueError(f"{root}: holds no class folder (an ImageFolder tree has one folder per class, "
+                         "its images inside)")
+    images: Dict[str, List[str]] = {}
+    left_out: List[str] = []
+    for folder in folders:
+        found = []
+        for path, subfolders, files in os.walk(os.path.join(root, folder), followlinks=True):
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            for file in sorted(f for f in files if not f.startswith(".")):
+                (found if file.lower().endswith(IMAGE_FILE_SUFFIXES) else left_out).append(os.path.join(path, file))
+        if not found:
+            raise ValueError(f"{os.path.join(root, folder)}: empty class folder (no image file: "
+                             f"{'/'.join(s[1:] for s in IMAGE_FILE_SUFFIXES)}); remove it or add its images")
+        images[folder] = found
+    return ImageFolderTree(root, images, left_out)
+
+
+def parse_class_folders(path: str, num_classes: int) -> Dict[str, Tuple[int, ...]]:
+    """A class-folder map: lines ``FOLDER<TAB>CLASSES``, CLASSES the 0-based indices of the
+    folder's classes joined by ``;`` (ObjectNet's folders map to several ImageNet classes), or
+    ``-`` for a folder to leave out. ``m2mix-data --from`` writes one for an ImageFolder source.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: naming the line: no tab, an index that is
+            not a whole number or lies outside ``0..num_classes - 1``, a folder listed twice.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: class-folder map not found")
+    mapping: Dict[str, Tuple[int, ...]] = {}
+    with open(path) as f:
+        for line_number, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            folder, tab, classes = line.partition("\t")
+            where = f"{path} line {line_number}"
+            if not tab or not folder or not classes.strip():
+                raise ValueError(f"{where}: expected FOLDER<TAB>CLASSES (class indices joined by ';', or '-'), "
+                                 f"got {line[:80]!r}")
+            if folder in mapping:
+                raise ValueError(f"{where}: folder {folder!r} is listed twice")
+            indices = []
+            for part in ([] if classes.strip() == "-" else classes.split(";")):
+                part = part.strip()
+                if not part.isdigit() or int(part) >= num_classes:
+                    raise ValueError(f"{where}: {part!r} is not a class index 0..{num_classes - 1} "
+                                     f"(the class list has {num_classes} names)")
+                indices.append(int(part))
+            mapping[folder] = tuple(sorted(set(indices)))
+    return mapping
+
+
+def map_class_folders(folders: Sequence[str], class_names: Sequence[str],
+                      class_folders: Optional[Mapping[str, Tuple[int, ...]]] = None,
+                      where: str = "") -> Dict[str, Tuple[int, ...]]:
+    """Folder -> its classes (indices of ``class_names``; empty: left out), each folder by the
+    first rule that fits: ``class_folders``, its name equal to one class name, its name a class
+    index.
+
+    Raises:
+        ValueError: folders that fit no rule (the first few named, with the fix), or a folder
+            named like a class whose name the list holds twice.
+    """
+    by_name: Dict[str, List[int]] = {}
+    for index, name in enumerate(class_names):
+        by_name.setdefault(name, []).append(index)
+    mapped: Dict[str, Tuple[int, ...]] = {}
+    unmatched = []
+    for folder in folders:
+        if class_folders is not None and folder in class_folders:
+            mapped[folder] = tuple(class_folders[folder])
+        elif folder in by_name:
+            if len(by_name[folder]) > 1:
+                raise ValueError(f"{where}folder {folder!r} is named like classes {by_name[folder]}, which share "
+                                 "that name: map it with a class-folder map (FOLDER<TAB>CLASS lines)")
+            mapped[folder] = (by_name[folder][0],)
+        elif folder.isdigit() and int(folder) < len(class_names):
+            mapped[folder] = (int(folder),)
+        else:
+            unmatched.append(folder)
+    if unmatched:
+        listed = ", ".join(repr(f) for f in unmatched[:5]) + (f", ... ({len(unmatched)} in all)"
+                                                               if len(unmatched) > 5 else "")
+        raise ValueError(f"{where}folder(s) {listed} match no class: a folder maps to classes by a class-folder map "
+                         f"(FOLDER<TAB>CLASSES lines; m2mix-data --from writes one, class_folders.tsv), by its name "
+                         f"equal to a class name, or by its name a class index 0..{len(class_names) - 1}")
+    return mapped
+
+
+def load_image_folder(root: str, class_names: Sequence[str],
+                      class_folders: Optional[Mapping[str, Tuple[int, ...]]] = None) -> LabelledSet:
+    """An ImageFolder tree as a labelled set over the class list ``class_names``
+    (:func:`map_class_folders`). Folders that map to the same classes share a label; labels
+    follow the order of their classes. Where the folders map one to one onto the whole list,
+    labels are class indices and ``class_groups`` is None, else the set is scored over its own
+    classes
+    (:class:`LabelledSet`). Files in class folders that are not images are left out with a
+    warning.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`read_image_folder`, :func:`map_class_folders`;
+            every folder left out (``-``).
+    """
+    tree = read_image_folder(root)
+    if tree.left_out:
+        warnings.warn(f"{root}: {len(tree.left_out)} file(s) in class folders are not images by their suffix and "
+                      f"are left out, e.g. {tree.left_out[0]}", stacklevel=2)
+    mapped = map_class_folders(list(tree.images), class_names, class_folders, where=f"{root}: ")
+    # '-' in the class-folder map leaves a folder out (ObjectNet's 200 folders outside ImageNet's classes)
+    class_groups: Optional[List[Tuple[int, ...]]] = sorted({classes for classes in mapped.values() if classes})
+    if not class_groups:
+        raise ValueError(f"{root}: the class-folder map leaves out every folder")
+    label_of = {classes: label for label, classes in enumerate(class_groups)}
+    images, labels = [], []
+    for folder, files in tree.images.items():
+        if mapped[folder]:
+            images += files
+            labels += [label_of[mapped[folder]]] * len(files)
+    labels_t = torch.tensor(labels, dtype=torch.int64)
+    if class_groups == [(c,) for c in range(len(class_names))]:
+        class_groups = None  # the whole class list, in its order: labels are class indices already
+    return LabelledSet(root, root, images, labels_t, class_groups=class_groups)
 
 
 def _items(text: str, separator: str) -> List[str]:
@@ -394,7 +596,7 @@ def parse_templates(text: str) -> List[str]:
         raise ValueError(f"no templates in {text!r}")
     missing = [t for t in templates if "{c}" not in t]
     if missing:
-        raise ValueError(f"every zero-shot template needs {{c}} for the class name; {missing} lack it "
+        raise ValueError(f"every template needs {{c}} for the class name; {missing} lack it "
                          "(e.g. 'a photo of the number {c}')")
     return templates
 
@@ -416,9 +618,22 @@ class ClipBenchmarkSet:
     templates: Optional[List[str]]
 
 
+CLIP_BENCHMARK_ROOT_FILES = ("dataset_type.txt", "zeroshot_classification_templates.txt")
+
+
 def is_clip_benchmark_root(source: str) -> bool:
-    """A folder is read as CLIP_benchmark's layout (files and shard patterns are not folders)."""
-    return os.path.isdir(source)
+    """Whether a folder is read as CLIP_benchmark's layout rather than as an ImageFolder tree: it
+    holds a file only CLIP_benchmark's layout has (:data:`CLIP_BENCHMARK_ROOT_FILES`), or a
+    sub-folder holds ``nshards.txt`` or ``0.tar`` (a split's shards, as CLIP_benchmark names
+    them). Files and shard patterns are not folders."""
+    if not os.path.isdir(source):
+        return False
+    if any(os.path.isfile(os.path.join(source, name)) for name in CLIP_BENCHMARK_ROOT_FILES):
+        return True
+    with os.scandir(source) as entries:
+        folders = [entry.path for entry in entries if entry.is_dir()]
+    return any(os.path.isfile(os.path.join(folder, "nshards.txt")) or os.path.isfile(os.path.join(folder, "0.tar"))
+               for folder in folders)
 
 
 def _lines_as_clip_benchmark_reads_them(path: str) -> Optional[List[str]]:

@@ -22,14 +22,39 @@ __all__ = ["encode_images", "encode_texts", "encode", "encode_grouped", "zero_sh
            "class_text_features", "zero_shot_logits"]
 
 
+class _Preprocessed(torch.utils.data.Dataset):
+    """Images (paths or encoded bytes) decoded and preprocessed, one by one, in a DataLoader worker."""
+
+    def __init__(self, images: Sequence, preprocess):
+        self.images, self.preprocess = images, preprocess
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.preprocess(open_image(self.images[index]))
+
+
+def _pixel_batches(images: Sequence, preprocess, batch_size: int, workers: int):
+    """(B, 3, H, W) batches of the preprocessed images, in order; decoded by ``workers`` processes
+    (0: in this one)."""
+    if workers <= 0:
+        for start in range(0, len(images), batch_size):
+            yield torch.stack([preprocess(open_image(im)) for im in images[start:start + batch_size]])
+        return
+    yield from torch.utils.data.DataLoader(_Preprocessed(images, preprocess), batch_size=batch_size, shuffle=False,
+                                           num_workers=workers)
+
+
 @torch.no_grad()
 def encode_images(model, preprocess, images: Sequence, batch_size: int = 256, device="cpu", desc: str = "images",
-                  progress: bool = True, autocast=contextlib.nullcontext, input_dtype=None) -> torch.Tensor:
-    """Unit-norm (N, D) float32 embeddings of images (paths or encoded bytes), on the CPU."""
+                  progress: bool = True, autocast=contextlib.nullcontext, input_dtype=None,
+                  workers: int = 0) -> torch.Tensor:
+    """Unit-norm (N, D) float32 embeddings of images (paths or encoded bytes), on the CPU; images are
+    decoded by ``workers`` DataLoader processes (0: in this process)."""
     out = []
     with progress_display(len(images), desc, "images", leave=False, enabled=progress) as shown:
-        for start in range(0, len(images), batch_size):
-            pixels = torch.stack([preprocess(open_image(im)) for im in images[start:start + batch_size]])
+        for pixels in _pixel_batches(images, preprocess, batch_size, workers):
             with autocast():
                 features = model.encode_image(pixels.to(device=device, dtype=input_dtype))
             out.append(F.normalize(features.float(), dim=-1).cpu())
@@ -100,8 +125,8 @@ def class_text_features(model, tokenizer, class_names: Sequence[str], templates:
 
 
 def zero_shot_logits(model, preprocess, images: Sequence, classifier: torch.Tensor, batch_size: int = 256,
-                     device="cpu", autocast=contextlib.nullcontext, input_dtype=None) -> torch.Tensor:
+                     device="cpu", autocast=contextlib.nullcontext, input_dtype=None, workers: int = 0) -> torch.Tensor:
     """(N, C) float32 cosine similarities of each image to each class (rows of ``classifier``), on the CPU."""
     features = encode_images(model, preprocess, images, batch_size, device, progress=False, autocast=autocast,
-                             input_dtype=input_dtype)
+                             input_dtype=input_dtype, workers=workers)
     return features @ classifier.float().cpu().T

@@ -22,7 +22,10 @@ wrong at 1.0 and 15 right at 0.934 give 0.0006 here, 0.124 there. To reproduce a
 figure exactly, use torchmetrics.
 
 Zero-shot scores (:func:`zero_shot_scores`): top-1 and top-5 accuracy (top-5 from 5 classes on),
-and the ECE of the softmax confidence at the model's ``logit_scale``.
+and the ECE of the softmax confidence at the model's ``logit_scale``. A set whose classes are a
+part of the class list (ImageNet-R, -A, ObjectNet against ImageNet's 1000) is scored over its own
+classes (:func:`restrict_to_class_groups`, WiSE-FT's projection of the logits): top-1, top-5 and
+the softmax are over those classes only.
 
 Ties (:func:`hit_probability`), the one rule of every top-K figure here and in
 :mod:`m2mix_openclip.retrieval`: candidates that score exactly the same are put in a uniformly random
@@ -42,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["embedding_geometry", "alignment", "uniformity", "expected_calibration_error", "hit_probability",
-           "zero_shot_scores"]
+           "zero_shot_scores", "restrict_to_class_groups"]
 
 # Elements of one (chunk, N) block: 8 M floats = 32 MB, a few such buffers live at once.
 _BLOCK_ELEMENTS = 8 * 1024 * 1024
@@ -262,3 +265,25 @@ def zero_shot_scores(similarity: torch.Tensor, labels: torch.Tensor, logit_scale
     confidence = (logit_scale * similarity).softmax(dim=1).max(dim=1).values
     scores["ece"] = expected_calibration_error(confidence, top1, bins)
     return scores
+
+
+def restrict_to_class_groups(similarity: torch.Tensor, class_groups) -> torch.Tensor:
+    r"""(N, G) scores of a set with its own classes: column g is
+    :math:`\max_{c \in \mathrm{class\_groups}[g]} s_{:, c}` of the (N, C) similarity to the whole class
+    list. With one class a group this keeps the set's columns (the mask of ImageNet-R and -A in
+    WiSE-FT's evaluation); with several (ObjectNet's classes, each one or more ImageNet classes)
+    it takes the best of them, as WiSE-FT does.
+
+    Raises:
+        ValueError: an empty group, or a class index outside ``0..C - 1``.
+    """
+    groups = [tuple(g) for g in class_groups]
+    if not groups or any(len(g) == 0 for g in groups):
+        raise ValueError("every class group needs at least one class")
+    num_classes = similarity.shape[1]
+    if any(c < 0 or c >= num_classes for g in groups for c in g):
+        raise ValueError(f"class groups name classes outside 0..{num_classes - 1}")
+    width = max(len(g) for g in groups)
+    # (G, width) indices, short groups padded with their own first class (max is unchanged)
+    index = torch.tensor([list(g) + [g[0]] * (width - len(g)) for g in groups], device=similarity.device)
+    return similarity[:, index].amax(dim=2)

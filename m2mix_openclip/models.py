@@ -13,12 +13,15 @@ branch of :func:`read_checkpoint` here and nowhere else.
   the folder's ``open_clip_pytorch_model.bin`` is read here (``openclip_compat.local_dir_weights``).
 - Errors name the file and the fix: a missing file, an unreadable one, one that does not fit the
   model (listing missing, unexpected and mis-shaped keys), pretrained weights that cannot be had.
+
+Weight-space interpolation (WiSE-FT, Wortsman et al. 2022; ``m2mix-wiseft``) is
+:func:`interpolate_state_dicts`: every floating-point tensor, ``logit_scale`` included.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 
@@ -26,7 +29,7 @@ from .integration.openclip_compat import local_dir_weights, numpy_scalars_allowe
 from .integration.openclip_compat import model_name as supported_model_name
 from .integration.quiet import PRETRAINED_FAILURE, RANDOM_INIT, dropped_log_messages
 
-__all__ = ["read_checkpoint", "load_model"]
+__all__ = ["read_checkpoint", "load_model", "interpolate_state_dicts"]
 
 
 def _state_dict_mismatch(model_state: dict, state: dict, limit: int = 5) -> str:
@@ -118,3 +121,35 @@ def load_model(model_name: str, checkpoint: Optional[str] = None, pretrained: Op
                              f"(is --model the architecture it was trained with?)") from e
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def interpolate_state_dicts(zero_shot: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor],
+                            alpha: float) -> Dict[str, torch.Tensor]:
+    r"""WiSE-FT's weight-space ensemble:
+    :math:`\theta(\alpha) = (1 - \alpha)\,\theta_{\text{zero-shot}} + \alpha\,\theta_{\text{fine-tuned}}`
+    for every floating-point tensor (``logit_scale`` included); tensors that are not floating
+    point (integer buffers such as a BatchNorm's ``num_batches_tracked``) are the fine-tuned
+    model's. Computed with ``torch.lerp`` in at least float32, then cast to the zero-shot
+    tensor's dtype, so that alpha 0 gives the zero-shot weights and alpha 1 the fine-tuned ones
+    exactly (bit for bit where the dtypes agree).
+
+    Raises:
+        ValueError: the two hold different keys or shapes (the first few named).
+    """
+    missing, extra = sorted(set(zero_shot) - set(finetuned)), sorted(set(finetuned) - set(zero_shot))
+    shapes = [k for k in zero_shot if k in finetuned and tuple(zero_shot[k].shape) != tuple(finetuned[k].shape)]
+    if missing or extra or shapes:
+        problems = [f"{label}: {', '.join(keys[:5])}" + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+                    for label, keys in (("only in the zero-shot model", missing),
+                                        ("only in the fine-tuned model", extra), ("shapes differ", shapes)) if keys]
+        raise ValueError("the zero-shot and fine-tuned weights do not match (" + "; ".join(problems)
+                         + "): were both made from the same --model?")
+    merged = {}
+    for key, start in zero_shot.items():
+        end = finetuned[key]
+        if start.is_floating_point():
+            work = torch.promote_types(torch.promote_types(start.dtype, end.dtype), torch.float32)
+            merged[key] = torch.lerp(start.to(work), end.to(device=start.device, dtype=work), alpha).to(start.dtype)
+        else:
+            merged[key] = end.clone()
+    return merged

@@ -198,3 +198,89 @@ def plot_metric_bars(table: Dict[str, Dict[str, float]], keys: Sequence[str], pa
         _title(fig, title)
     _save(fig, path)
     return fig
+
+
+def _alpha_text(alpha: float) -> str:
+    return f"{alpha:g}"
+
+
+def plot_weight_interpolation(curves: Dict[str, Sequence[Tuple[float, float, float]]], path: str,
+                              id_name: str, ood_name: str, best: Optional[Dict[str, Dict[str, float]]] = None,
+                              title: Optional[str] = None) -> Figure:
+    """The effective-robustness picture of weight-space interpolation (WiSE-FT): mean accuracy on
+    the shifted sets against in-distribution accuracy, one curve per fine-tuned model through its
+    alphas, each from the shared zero-shot point (alpha 0, a black star); each alpha is written
+    beside its point where there is room (the others are plain markers); ``best[model]["id"]``
+    and ``["ood"]`` are the alphas marked as best in-distribution (square) and best shifted
+    (diamond).
+
+    Args:
+        curves: model -> ``(alpha, in-distribution accuracy, mean shifted accuracy)`` per alpha.
+        id_name, ood_name: what the axes measure (e.g. the set names).
+    """
+    fig, (ax,) = _figure(1, 6.4, 5.6)
+    colours = {name: MODEL_COLOURS[(i + 1) % len(MODEL_COLOURS)] for i, name in enumerate(curves)}
+    labels, points = [], []
+    zero_shot = None
+    for name, curve in curves.items():
+        curve = sorted(curve)
+        alphas, xs, ys = [c[0] for c in curve], [c[1] for c in curve], [c[2] for c in curve]
+        ax.plot(xs, ys, "-o", color=colours[name], ms=4, lw=1.5)
+        points += list(zip(xs, ys))
+        for alpha, x, y in curve:
+            if alpha == 0:
+                zero_shot = (x, y)
+                continue
+            priority = 0 if alpha == alphas[-1] else 1
+            labels.append((priority, ax.annotate(_alpha_text(alpha), (x, y), xytext=(4, 4),
+                                                 textcoords="offset points", fontsize=7, color=colours[name],
+                                                 annotation_clip=False)))
+            labels[-1][1].set_in_layout(False)  # placed after the layout, where there is room
+        for key, marker in (("id", "s"), ("ood", "D")):
+            alpha = (best or {}).get(name, {}).get(key)
+            if alpha is not None and alpha in alphas:
+                i = alphas.index(alpha)
+                ax.plot(xs[i], ys[i], marker, ms=10, mfc="none", mec=colours[name], mew=1.5)
+    if zero_shot is not None:
+        ax.plot(*zero_shot, "*", color="black", ms=14, zorder=5)
+    # room around the points for their labels
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    for axis_set, values in ((ax.set_xlim, xs), (ax.set_ylim, ys)):
+        low, high = min(values), max(values)
+        pad = max(0.12 * (high - low), 0.01)
+        axis_set(low - pad, high + pad)
+    ax.set_xlabel(_wrap(fig, f"in-distribution top-1 ({id_name})", 9), fontsize=9)
+    ax.set_ylabel(f"mean top-1 on the shifted sets ({ood_name})" if len(ood_name) < 40
+                  else "mean top-1 on the shifted sets", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    handles = [Line2D([], [], ls="", marker="*", ms=12, color="black")]
+    names = ["zero-shot model (\u03b1 = 0)"]
+    for name in curves:
+        handles.append(Line2D([], [], color=colours[name], marker="o", ms=4, lw=1.5))
+        names.append(f"{name}: \u03b1 from 0 to 1")
+    if best:
+        handles += [Line2D([], [], ls="", marker="s", ms=9, mfc="none", mec="black"),
+                    Line2D([], [], ls="", marker="D", ms=8, mfc="none", mec="black")]
+        names += ["best \u03b1 in-distribution", "best \u03b1 on the shifted sets"]
+    legend = fig.legend(handles, names, loc="outside upper center", ncols=2, fontsize=8, frameon=False,
+                        title=_wrap(fig, title or "Weight-space interpolation between the zero-shot and the "
+                                    "fine-tuned models (WiSE-FT)", 11), title_fontproperties={"size": 11})
+    legend.get_title().set_multialignment("center")
+    _note(fig, "Each point is the model with weights (1 \u2212 \u03b1) \u00b7 zero-shot + \u03b1 \u00b7 fine-tuned, "
+               "the number beside it its \u03b1 (where there is room). Up and to the right is better; a curve above "
+               "the straight line from the star to its end gains robustness by interpolating.")
+    fig.canvas.draw()  # the layout is final now: keep the labels that fit inside the axes and apart
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    kept = [t.get_window_extent(renderer) for t in ax.texts if not any(t is label for _, label in labels)]
+    for _, label in sorted(labels, key=lambda item: item[0]):
+        box = label.get_window_extent(renderer)
+        fits = (box.x0 >= inside.x0 + 1 and box.x1 <= inside.x1 - 1 and box.y0 >= inside.y0 + 1
+                and box.y1 <= inside.y1 - 1)
+        if fits and not any(box.overlaps(other) for other in kept):
+            kept.append(box)
+        else:
+            label.set_visible(False)
+    _save(fig, path)
+    return fig

@@ -2,15 +2,17 @@
 
 One table of metrics serves the tables of ``m2mix-analyze`` and ``m2mix-demo`` (row names and
 order) and the figures of :mod:`m2mix_openclip.plots` (panel titles, "lower is better" marks,
-axis ranges), so that a figure, a table and the README say the same thing.
+axis ranges), so that a figure, a table and the README say the same thing; and how the tools
+name a model from its checkpoint's path (:func:`short_unique_names`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence
 
-__all__ = ["Metric", "METRICS", "metric", "ordered_keys", "format_table"]
+__all__ = ["Metric", "METRICS", "metric", "ordered_keys", "format_table", "short_unique_names"]
 
 
 @dataclass(frozen=True)
@@ -110,3 +112,14 @@ def format_table(table: Dict[str, Dict[str, float]], keys: Optional[Iterable[str
     for key, row_name in rows:
         lines.append(f"{row_name:{width}s}" + "".join(f"{table[n].get(key, float('nan')):{col}.4f}" for n in names))
     return "\n".join(lines)
+
+
+def short_unique_names(paths: Sequence[str]) -> List[str]:
+    """The shortest trailing path parts that tell the paths apart: ``epoch_10.pt`` alone, or
+    ``finetune-clip/checkpoints/epoch_10.pt`` beside ``finetune-m2mix/checkpoints/epoch_10.pt``."""
+    parts = [os.path.normpath(p).split(os.sep) for p in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]  # the same path twice

@@ -5,6 +5,8 @@ figures (:mod:`m2mix_openclip.plots`), then the JSON of the whole result, each w
 not at all (:mod:`m2mix_openclip.atomic`; the JSON last, so that its presence means the run is
 complete), then the lines printed: any heading, the table (:func:`m2mix_openclip.report.format_table`,
 the metric names and order every tool shares), any notes, and where the files are.
+``m2mix-wiseft`` draws its own figure and ends with :func:`close_run`, the last step of
+:func:`finish_run`: the JSON, then the report and where the files are.
 The zero-shot hook ends inside OpenCLIP's evaluation, which logs its figures; it shares the
 scoring and naming of :mod:`m2mix_openclip.zeroshot` instead.
 """
@@ -21,7 +23,7 @@ from .atomic import write_json
 from .plots import plot_cosine_histograms, plot_metric_bars, plot_sphere_projection
 from .report import format_table
 
-__all__ = ["FIGURES", "finish_run"]
+__all__ = ["FIGURES", "finish_run", "close_run"]
 
 # figure -> file name, in every tool's output folder
 FIGURES = {"sphere": "embeddings_on_circle.png", "cosines": "cosine_histograms.png", "metrics": "metrics.png"}
@@ -50,13 +52,18 @@ def finish_run(out: str, json_name: str, table: Dict[str, Dict[str, float]],
     plot_cosine_histograms(features, figures["cosines"])
     plot_metric_bars(table, figure_keys, figures["metrics"], title=figure_title)
     result = {"models": table, **(fields or {}), "figures": figures}
-    write_json(path, result)
-    for line in heading:
-        print(line)
-    print(format_table(table))
-    for note in notes:
-        print(f"\n{note}")
-    print(f"\nresults: {path}\nfigures: {', '.join(figures.values())}")
+    report = "\n".join([*heading, format_table(table), *(f"\n{note}" for note in notes)])
+    close_run(os.path.join(out, json_name), result, report, list(figures.values()), started)
+    return result
+
+
+def close_run(path: str, payload, report: str, figures: Sequence[str], started: Optional[float] = None) -> None:
+    """Writes ``payload`` as JSON at ``path`` (whole or not at all; call it after the figures, so
+    that the JSON's presence means the run is complete), then prints ``report``, where the
+    results and ``figures`` are, and, given ``started`` (``time.time()`` at the start), how long
+    the run took."""
+    write_json(path, payload)
+    print(report)
+    print(f"\nresults: {path}\nfigures: {', '.join(figures)}")
     if started is not None:
         print(f"took {time.time() - started:.0f} s")
-    return result

@@ -12,17 +12,20 @@ the model's ``logit_scale``). One scoring, two namings:
   (:func:`set_metric_key`).
 
 A labelled set is a CSV (an image-path column and an integer label column), webdataset shards
-(an image member and a ``cls`` member per sample) or a CLIP_benchmark classification folder, read
-and checked by :func:`load_zero_shot_set` before any model runs. A folder brings its own class
-names and templates (``classnames.txt``, ``zeroshot_classification_templates.txt``), used unless
-others are given; every set is scored with the classifier of its own names and templates. The
-readers, the classifier and the scores are re-exported here under their old names.
+(an image member and a ``cls`` member per sample), a CLIP_benchmark classification folder or an
+ImageFolder tree, read and checked by :func:`load_zero_shot_set` before any model runs. A
+CLIP_benchmark folder brings its own class names and templates (``classnames.txt``,
+``zeroshot_classification_templates.txt``), used unless others are given; every set is scored
+with the classifier of its own names and templates. A set whose classes are a part of the class
+list (``LabelledSet.class_groups``: an ImageFolder of ImageNet-R's 200 classes) is scored over its
+own classes (:func:`~m2mix_openclip.metrics.restrict_to_class_groups`). The readers, the classifier
+and the scores are re-exported here under their old names.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,7 +38,7 @@ from .datasets import (
     parse_templates,
 )
 from .encode import zero_shot_classifier, zero_shot_logits
-from .metrics import zero_shot_scores
+from .metrics import restrict_to_class_groups, zero_shot_scores
 
 __all__ = ["LabelledSet", "load_labelled_set", "parse_class_names", "parse_templates",
            "zero_shot_classifier", "zero_shot_logits", "zero_shot_scores", "zero_shot_metrics",
@@ -51,10 +54,12 @@ def load_zero_shot_set(name: str, source: str, class_names: Optional[Sequence[st
                        templates: Optional[Sequence[str]] = None, split: str = "test", img_key: str = "filepath",
                        label_key: str = "label", sep: str = "\t",
                        column_flags: Tuple[str, str] = ("--csv-img-key", "--zeroshot-label-key"),
-                       names_flag: str = "--zeroshot-classnames") -> LabelledSet:
+                       names_flag: str = "--zeroshot-classnames",
+                       class_folders: Optional[Mapping[str, Tuple[int, ...]]] = None) -> LabelledSet:
     """A labelled set (:func:`~m2mix_openclip.datasets.load_labelled_set`) with the class names and
     templates it is scored with: the given ones, else a CLIP_benchmark folder's own, else (templates)
-    :data:`DEFAULT_TEMPLATES`.
+    :data:`DEFAULT_TEMPLATES`. ``class_folders``: how an ImageFolder tree's folders map to the
+    classes (:func:`~m2mix_openclip.datasets.parse_class_folders`).
 
     Raises:
         ValueError: ``zero-shot set 'NAME': `` and the problem, as ``load_labelled_set``, or no
@@ -70,12 +75,14 @@ def load_zero_shot_set(name: str, source: str, class_names: Optional[Sequence[st
         load_labelled_set(name, source, 1, split=split)  # raises: a retrieval set has no labels
     names = list(class_names) if class_names is not None else (folder.class_names if folder else None)
     if names is None:
-        where = f"{source} has no classnames.txt" if folder else f"{source} is not a CLIP_benchmark folder"
+        where = (f"{source} has no classnames.txt" if folder
+                 else f"{source} is not a CLIP_benchmark folder, which brings its own classnames.txt")
         raise ValueError(f"zero-shot set {name!r}: no class names ({where}); give {names_flag} (a file with "
                          "one name per line, or a comma list)")
     prompts = (list(templates) if templates is not None else
                (folder.templates if folder is not None and folder.templates else list(DEFAULT_TEMPLATES)))
-    labelled = load_labelled_set(name, source, len(names), img_key, label_key, sep, column_flags, split)
+    labelled = load_labelled_set(name, source, len(names), img_key, label_key, sep, column_flags, names,
+                                 class_folders, split)
     labelled.class_names, labelled.templates = names, prompts
     return labelled
 
@@ -102,12 +109,13 @@ def set_metric_keys(set_names: Sequence[str]) -> List[str]:
 def labelled_set_metrics(model, preprocess, tokenizer, sets: Sequence[LabelledSet],
                          class_names: Optional[Sequence[str]] = None, templates: Optional[Sequence[str]] = None,
                          batch_size: int = 256, device="cpu", autocast=contextlib.nullcontext,
-                         input_dtype=None) -> Dict[str, float]:
+                         input_dtype=None, workers: int = 0) -> Dict[str, float]:
     """Zero-shot scores of every labelled set, named ``NAME-zeroshot-SCORE``, each with its own
     class names and templates (``class_names`` / ``templates`` where the set has none); one
     class-text classifier per distinct pair, built once; images go through the model in batches of
-    ``batch_size`` under ``autocast()``, cast to ``input_dtype``. The model is used as it is (eval
-    mode is the caller's)."""
+    ``batch_size`` under ``autocast()``, cast to ``input_dtype``, decoded by ``workers`` DataLoader
+    processes (0: in this one). A set with ``class_groups`` is scored over its own classes. The
+    model is used as it is (eval mode is the caller's)."""
     classifiers: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], torch.Tensor] = {}
     scale = float(model.logit_scale.exp())
     out: Dict[str, float] = {}
@@ -121,7 +129,9 @@ def labelled_set_metrics(model, preprocess, tokenizer, sets: Sequence[LabelledSe
             classifiers[key] = zero_shot_classifier(model, tokenizer, names, prompts, device, autocast)
         classifier = classifiers[key]
         similarity = zero_shot_logits(model, preprocess, labelled.images, classifier, batch_size, device,
-                                      autocast, input_dtype)
+                                      autocast, input_dtype, workers)
+        if labelled.class_groups is not None:
+            similarity = restrict_to_class_groups(similarity, labelled.class_groups)
         for score, value in zero_shot_scores(similarity, labelled.labels, scale).items():
             out[set_metric_key(labelled.name, score)] = value
     return out

@@ -57,3 +57,44 @@ def test_relative_links_resolve(page):
         elif anchor and relative.endswith(".md") and anchor not in anchors(relative):
             broken.append(f"{target}: no heading with anchor #{anchor} in {relative}")
     assert broken == []
+
+
+# -- every command the README and the docs pages show parses with today's flags -------------------
+FENCE = re.compile(r"```(?:bash|sh)?\n(.*?)```", re.S)
+TOOLS = ("m2mix-train", "m2mix-data", "m2mix-analyze", "m2mix-wiseft")
+
+
+def shown_commands():
+    """(page, tool, argv) of every tool command in a code block of the README and docs/, with its
+    continuation lines joined; synopsis lines (``[--flag ...]``, ``...``) and output lines
+    (``m2mix-train: error: ...``) are not commands."""
+    import shlex
+    found = []
+    for page in ["README.md"] + PAGES:
+        for block in FENCE.findall(read(page)):
+            for command in block.replace("\\\n", " ").splitlines():
+                if (not any(tool in command for tool in TOOLS) or "..." in command or "[--" in command
+                        or any(f"{tool}:" in command for tool in TOOLS)):  # a synopsis, or a tool's output
+                    continue
+                words = shlex.split(command, comments=True)
+                starts = [i for i, word in enumerate(words) if word in TOOLS and (i == 0 or words[i - 1] == "&&")]
+                for start in starts:
+                    end = words.index("&&", start) if "&&" in words[start:] else len(words)
+                    found.append((page, words[start], words[start + 1:end]))
+    return found
+
+
+def test_the_docs_show_commands_of_every_tool():
+    assert {tool for _, tool, _ in shown_commands()} == set(TOOLS)
+
+
+@pytest.mark.parametrize("page,tool,argv", shown_commands(), ids=lambda v: v if isinstance(v, str) else None)
+def test_a_shown_command_parses(page, tool, argv):
+    """The flags and values a page shows are the installed tool's (the data need not exist)."""
+    if tool == "m2mix-train":
+        from m2mix_openclip.integration.launcher import parse_args
+        parse_args(argv, check_data=False)
+        return
+    module = {"m2mix-data": "data", "m2mix-analyze": "analyze", "m2mix-wiseft": "wiseft"}[tool]
+    import importlib
+    importlib.import_module(f"m2mix_openclip.{module}").build_parser().parse_args(argv)

@@ -18,10 +18,12 @@ FLOORS = {
     "datasets": 1, "models": 1, "encode": 1,
     "evaluation": 2, "zeroshot": 2, "simat": 2,
     "analyze": 3, "demo": 3, "export": 3, "results": 3, "integration.zeroshot_hook": 3, "integration.metrics": 3,
+    "wiseft": 3, "labelled_pairs": 3,
 }
 # imports within one floor, each one way round (the cycle test keeps them from turning back)
 SAME_FLOOR = {("retrieval", "metrics"), ("encode", "datasets"), ("evaluation", "zeroshot"),
-              ("analyze", "results"), ("demo", "results")}
+              ("analyze", "results"), ("demo", "results"), ("wiseft", "results"),
+              ("wiseft", "integration.zeroshot_hook")}
 
 
 def package_modules(sources=SOURCES, package=PACKAGE):

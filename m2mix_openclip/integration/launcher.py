@@ -539,11 +539,16 @@ def _swapped(*triples):
 
 def parse_args(argv: List[str], check_data: bool = True) -> argparse.Namespace:
     """Parses a training command line exactly as ``main`` would, without training; with
-    ``check_data=False`` the data files need not exist (recipes for another machine)."""
+    ``check_data=False`` the data files need not exist (recipes for another machine): neither
+    the pre-flight checks nor the evaluation hooks' sets (``--zeroshot-data``) read them."""
     oc_params = openclip_compat.require_trainer().params
     parser_class = type("RecipeArgumentParser", (PluginArgumentParser,), {"check_data": check_data})
-    with _swapped((oc_params, "argparse", _argparse_shim(parser_class))):
-        return oc_params.parse_args(openclip_compat.translate_model_argument(argv))
+    token = preflight.DATA_CHECKS.set(check_data)
+    try:
+        with _swapped((oc_params, "argparse", _argparse_shim(parser_class))):
+            return oc_params.parse_args(openclip_compat.translate_model_argument(argv))
+    finally:
+        preflight.DATA_CHECKS.reset(token)
 
 
 def resume_command(argv: List[str]) -> str:

@@ -12,6 +12,7 @@ row's image that is missing or broken, a shard sample that does not decode) is r
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import glob
 import importlib.util
@@ -30,7 +31,12 @@ from ..datasets import (
 from . import openclip_compat
 from .checkpoints import checkpoint_problem, checkpoints_newest_first
 
-__all__ = ["PreflightError", "MissingImageError", "check_args", "brace_pattern", "csv_row_lines", "one_line"]
+__all__ = ["PreflightError", "MissingImageError", "check_args", "brace_pattern", "csv_row_lines", "one_line",
+           "DATA_CHECKS"]
+
+# False while a command line is parsed as a recipe for another machine (launcher.parse_args with
+# check_data=False): the data checks here and the evaluation hooks' reading of their sets are skipped.
+DATA_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("m2mix_data_checks", default=True)
 
 CONTRASTIVE_LOSSES = ("clip", "m2mix")
 
