@@ -106,12 +106,14 @@ def read_source(source: str, class_names: Optional[List[str]] = None, img_key: s
             class list, a missing column or image, a CSV or shards without ``class_names``.
     """
     if is_clip_benchmark_root(source):
+        splits = [entry.name for entry in sorted(os.scandir(source), key=lambda e: e.name) if entry.is_dir()]
+        split = "train" if "train" in splits else (splits[0] if splits else "SPLIT")
         # CLIP_benchmark names a split's shards 0.tar .. {n-1}.tar
-        count = len(clip_benchmark_set(source, "train").shards) if os.path.isdir(os.path.join(source, "train")) else 0
-        shards = os.path.join(source, "train", f"{{0..{count - 1}}}.tar") if count else os.path.join(
-            source, "SPLIT", "{0..N}.tar")
-        raise ValueError(f"{source} is a CLIP_benchmark folder, not an ImageFolder tree: convert one of its splits "
-                         f"as shards, --from '{shards}' --classnames {os.path.join(source, 'classnames.txt')}")
+        count = len(clip_benchmark_set(source, split).shards) if split != "SPLIT" else 0
+        shards = os.path.join(source, split, f"{{0..{count - 1}}}.tar" if count else "{0..N}.tar")
+        raise ValueError(f"{source} is a CLIP_benchmark folder (splits: {', '.join(splits) or 'none'}), not an "
+                         f"ImageFolder tree: convert one split's shards, e.g. --from '{shards}' "
+                         f"--classnames {os.path.join(source, 'classnames.txt')}")
     if os.path.isdir(source):
         tree = read_image_folder(source)
         folders = list(tree.images)

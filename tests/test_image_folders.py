@@ -3,6 +3,7 @@ sets scored over their own classes (ImageNet-R / ObjectNet style), and the error
 
 import argparse
 import io
+import os
 
 import pytest
 import torch
@@ -123,3 +124,26 @@ def test_zeroshot_data_reads_a_tree_with_its_class_folders(tmp_path):
     assert "gone.tsv: class-folder map not found" in zeroshot_hook.validate(args)
     with pytest.raises(ValueError, match="zero-shot set 'x'.*is a folder"):
         load_labelled_set("x", root, 3)
+
+
+def test_a_folder_is_clip_benchmark_layout_only_with_its_files(tmp_path):
+    """An ImageFolder tree is read as one, a CLIP_benchmark folder (a split of shards, or its
+    files at the root) as CLIP_benchmark's layout, and m2mix-data --from names the shards to
+    convert instead of reading the splits as classes."""
+    from m2mix_openclip.data import write_clip_benchmark_layout
+    from m2mix_openclip.datasets import is_clip_benchmark_root
+    from m2mix_openclip.labelled_pairs import read_source
+
+    images = tree(tmp_path / "t", {"cat": 2, "dog": 1})
+    bench = write_clip_benchmark_layout(str(tmp_path / "cb"), splits=("finetune", "test"), limit=20, shard_size=8)
+    root = bench["digits"]["root"]
+    bare = tmp_path / "bare"
+    (bare / "test").mkdir(parents=True)
+    (bare / "test" / "0.tar").write_bytes(open(os.path.join(root, "test", "0.tar"), "rb").read())
+    assert (is_clip_benchmark_root(images), is_clip_benchmark_root(root), is_clip_benchmark_root(str(bare))) == \
+        (False, True, True)
+    assert load_labelled_set("t", images, 3, class_names=["cat", "dog", "bird"]).labels.tolist() == [0, 0, 1]
+    assert len(load_labelled_set("d", root, 10).images) == bench["digits"]["splits"]["test"]
+    with pytest.raises(ValueError, match=r"CLIP_benchmark folder \(splits: finetune, test\), not an ImageFolder tree: "
+                                         r".*--from .*finetune/\{0\.\.2\}\.tar"):
+        read_source(root)
