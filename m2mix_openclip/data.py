@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import sys
 import tarfile
@@ -34,6 +33,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from .atomic import write_atomically, write_json
 
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CAPTION_TEMPLATES = [
@@ -119,47 +120,55 @@ def write_dataset(out_dir: str, splits: Sequence[str] = SPLITS, limit: Optional[
         rows = []
         for i in idx:
             path = os.path.join(img_dir, f"{i:05d}.png")
-            to_image(images[i], size, shift, seed=int(i)).save(path)
+            image = to_image(images[i], size, shift, seed=int(i))
+            write_atomically(path, lambda f, image=image: image.save(f, format="PNG"))
             rows.append((os.path.abspath(path), caption(int(labels[i]), int(i)), int(labels[i]), int(i)))
         csv_path = os.path.join(out_dir, f"{name}.csv")
-        with open(csv_path, "w", newline="") as f:
-            w = csv.writer(f, delimiter="\t")
-            w.writerow(["filepath", "title", "label"])
-            w.writerows(r[:3] for r in rows)
+        _write_text(csv_path, _tsv([("filepath", "title", "label")] + [r[:3] for r in rows]))
         num_shards = max(1, -(-len(rows) // shard_size))
         for s in range(num_shards):
-            with tarfile.open(os.path.join(shard_dir, f"{name}-{s:06d}.tar"), "w") as tar:
-                for path, text, label, i in rows[s * shard_size:(s + 1) * shard_size]:
-                    for ext, payload in (("png", open(path, "rb").read()), ("txt", text.encode()),
-                                         ("cls", str(label).encode())):
-                        info = tarfile.TarInfo(f"{i:05d}.{ext}")
-                        info.size = len(payload)
-                        tar.addfile(info, io.BytesIO(payload))
+            members = []
+            for path, text, label, i in rows[s * shard_size:(s + 1) * shard_size]:
+                with open(path, "rb") as image_file:
+                    members += [(f"{i:05d}.png", image_file.read()), (f"{i:05d}.txt", text.encode()),
+                                (f"{i:05d}.cls", str(label).encode())]
+            _write_tar(os.path.join(shard_dir, f"{name}-{s:06d}.tar"), members)
         manifest[name] = {
             "csv": os.path.abspath(csv_path),
             "shards": os.path.abspath(os.path.join(shard_dir, f"{name}-{{000000..{num_shards - 1:06d}}}.tar")),
             "num_samples": len(rows),
             "num_shards": num_shards,
         }
-    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
     _write_class_files(out_dir)  # for --zeroshot-classnames, --zeroshot-templates, m2mix-analyze
+    write_json(os.path.join(out_dir, "manifest.json"), manifest)  # last: its presence means every file is whole
     return manifest
 
 
+def _write_text(path: str, text: str) -> None:
+    """``text`` as UTF-8 at ``path``, whole or not at all."""
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _tsv(rows) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, delimiter="\t", lineterminator="\r\n").writerows(rows)
+    return buffer.getvalue()
+
+
 def _write_class_files(folder: str) -> None:
-    with open(os.path.join(folder, "classnames.txt"), "w") as f:
-        f.write("\n".join(CLASS_NAMES) + "\n")
-    with open(os.path.join(folder, "zeroshot_classification_templates.txt"), "w") as f:
-        f.write("\n".join(ZERO_SHOT_TEMPLATES) + "\n")
+    _write_text(os.path.join(folder, "classnames.txt"), "\n".join(CLASS_NAMES) + "\n")
+    _write_text(os.path.join(folder, "zeroshot_classification_templates.txt"), "\n".join(ZERO_SHOT_TEMPLATES) + "\n")
 
 
 def _write_tar(path: str, members: Sequence) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    """A tar of (name, bytes) members at ``path``, whole or not at all."""
+    def write(f):
+        with tarfile.open(fileobj=f, mode="w") as tar:
+            for name, payload in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    write_atomically(path, write)
 
 
 def _png(image: Image.Image) -> bytes:
@@ -211,17 +220,14 @@ def write_clip_benchmark_layout(out_dir: str, splits: Sequence[str] = SPLITS, li
                     if task == "classification":
                         members.append((f"{i:05d}.cls", str(label).encode()))
                 _write_tar(os.path.join(folder, f"{s}.tar"), members)
-            with open(os.path.join(folder, "nshards.txt"), "w") as f:
-                f.write(f"{num_shards}\n")
+            _write_text(os.path.join(folder, "nshards.txt"), f"{num_shards}\n")
             counts[split] = len(samples)
         if task == "classification":
             _write_class_files(root)
         else:
-            with open(os.path.join(root, "dataset_type.txt"), "w") as f:
-                f.write("retrieval\n")
+            _write_text(os.path.join(root, "dataset_type.txt"), "retrieval\n")
         manifest[name] = {"root": os.path.abspath(root), "task": task, "splits": counts}
-    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
+    write_json(os.path.join(out_dir, "manifest.json"), manifest)  # last: its presence means every file is whole
     return manifest
 
 

@@ -82,3 +82,37 @@ def test_a_run_whose_figures_fail_writes_no_json(tmp_path, monkeypatch, earlier_
     assert not (tmp_path / "results.json").exists()
     left = [FIGURES["sphere"], FIGURES["cosines"]] + ([FIGURES["metrics"]] if earlier_run else [])
     assert sorted(os.listdir(tmp_path)) == sorted(left)
+
+
+def test_the_bundled_data_is_written_whole(tmp_path, monkeypatch):
+    """m2mix-data's files appear whole or not at all: a write that fails midway (the disk full at
+    the third shard) leaves no file under that name, no temporary file, and no manifest (written
+    last, so its presence means every file is whole); a full run leaves no temporary file."""
+    import errno
+
+    from m2mix_openclip import data
+
+    real = data._write_tar
+    calls = []
+
+    def full_disk(path, members):
+        calls.append(path)
+        if len(calls) == 3:
+            def write(f):
+                f.write(b"partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return data.write_atomically(path, write)
+        return real(path, members)
+
+    monkeypatch.setattr(data, "_write_tar", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        data.write_dataset(str(tmp_path / "d"), limit=20, shard_size=10)
+    written = [os.path.join(r, f) for r, _, files in os.walk(tmp_path / "d") for f in files]
+    assert not os.path.exists(calls[2]) and not any(".tmp" in f for f in written)
+    assert not os.path.exists(tmp_path / "d" / "manifest.json")
+    monkeypatch.setattr(data, "_write_tar", real)
+    manifest = data.write_dataset(str(tmp_path / "e"), limit=20, shard_size=10)
+    written = [f for _, _, files in os.walk(tmp_path / "e") for f in files]
+    assert not any(f.endswith(".tmp") for f in written) and "manifest.json" in written
+    with open(manifest["test"]["csv"], newline="") as f:
+        assert f.readline() == "filepath\ttitle\tlabel\r\n"
