@@ -80,11 +80,14 @@ def counted(env):
 # softmax families gather images and captions (the distillation teacher's too, without gradient), and
 # their backward pass returns the gradients (gloo: one scatter per process and tensor); SigLIP swaps
 # caption chunks with its neighbour, forward and backward.
+# Beside the loss, at each logging step (every step here, --log-every-n-steps 1), the launcher's
+# divergence stop agrees on the losses' finiteness with one all-reduce of two integers, for any loss.
+DIVERGENCE_CHECK = {"all_reduce": 1}
 OPENCLIP_STEP = {
-    "clip": {"all_gather": 2, "scatter": 2 * WORLD},
-    "coca": {"all_gather": 2, "scatter": 2 * WORLD},
-    "distill": {"all_gather": 4, "scatter": 2 * WORLD},
-    "siglip": {"batch_isend_irecv": 2, "isend": 2, "irecv": 2},
+    "clip": {"all_gather": 2, "scatter": 2 * WORLD, **DIVERGENCE_CHECK},
+    "coca": {"all_gather": 2, "scatter": 2 * WORLD, **DIVERGENCE_CHECK},
+    "distill": {"all_gather": 4, "scatter": 2 * WORLD, **DIVERGENCE_CHECK},
+    "siglip": {"batch_isend_irecv": 2, "isend": 2, "irecv": 2, **DIVERGENCE_CHECK},
 }
 
 
