@@ -47,6 +47,24 @@ def test_bad_options_name_the_field(kwargs, match):
         M2MixLoss(**kwargs)
 
 
+def test_options_given_as_text_are_stored_as_the_flag_parses_them():
+    given = MixOptions(m2mix_temperature="0.07", unimix_temperature="learned", m2mix_weight="0.5")
+    assert given == MixOptions(m2mix_temperature=0.07, unimix_temperature=None, m2mix_weight=0.5)
+    assert type(given.m2mix_temperature) is float and type(given.m2mix_weight) is float
+    assert MixOptions(m2mix_temperature="Learned").m2mix_temperature is None
+    assert M2MixLoss(unimix_temperature="0.01").unimix_temperature == 0.01
+
+
+@pytest.mark.parametrize("field", ["m2mix_temperature", "unimix_temperature"])
+def test_a_temperature_that_is_no_number_nor_learned_names_the_field_and_the_accepted_values(field):
+    expected = (f"{field}: expected a temperature > 0 (e.g. 0.07) or 'learned' for the model's logit_scale, "
+                "got 'warm'")
+    for build in (MixOptions, M2MixLoss):
+        with pytest.raises(ValueError) as raised:
+            build(**{field: "warm"})
+        assert str(raised.value) == expected
+
+
 def test_docs_flag_table_follows_the_options_dataclass():
     page = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "training.md")
     with open(page) as f:

@@ -130,11 +130,12 @@ class MixOptions:
             elif value is None and parse is temperature_value:
                 continue
             else:
+                # Parsed as the flag would be, and the parsed value stored: "0.07" as 0.07, "learned" as None.
                 try:
-                    parse(str(float(value)) if isinstance(value, (int, float)) else str(value))
+                    parsed = parse(str(float(value)) if isinstance(value, (int, float)) else str(value))
                 except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
                     raise ValueError(f"{f.name}: {e}") from None
-                object.__setattr__(self, f.name, float(value))
+                object.__setattr__(self, f.name, parsed)
 
     @property
     def enabled_terms(self) -> List[str]:
