@@ -193,8 +193,10 @@ def test_without_siglip_loss_the_other_families_import():
 
 @pytest.mark.skipif(not compat.has_siglip_loss(), reason="no SigLipLoss in this release")
 @pytest.mark.parametrize("dist_impl", [None, "bidir", "shift", "reduce", "gather"])
-def test_siglip_loss_equals_this_releases_siglip_loss_for_every_dist_impl(dist_impl):
-    """``dist_impl`` is taken on every release (SigLipLoss takes it from 2.30), and kept."""
+def test_siglip_loss_takes_and_keeps_each_dist_impl_and_equals_this_releases_on_one_process(dist_impl):
+    """``dist_impl`` is taken on every release (SigLipLoss takes it from 2.30), and kept; on one
+    process (no exchange runs) the contrastive term is this release's ``SigLipLoss``. The
+    exchanges themselves across processes: test_loss_families.py."""
     x, y = unit_features()
     scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
     ours = M2MixSigLipLoss(dist_impl=dist_impl, m2mix_weight=0.5, mix_schedule="constant")
