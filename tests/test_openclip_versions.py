@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 
 import open_clip
 import open_clip.loss
@@ -402,6 +403,26 @@ def test_the_adapter_reads_whether_evaluation_passes_a_tokenizer():
     assert compat.evaluation_passes_tokenizer() is ("tokenizer" in parameters)
     if VERSION in RELEASES:
         assert compat.evaluation_passes_tokenizer() is (VERSION != "2.20.0")
+
+
+@pytest.mark.parametrize("precision,autocast_dtype,input_dtype", [
+    ("fp32", None, None), ("amp", torch.float16, None), ("amp_bf16", torch.bfloat16, None),
+    ("amp_bfloat16", torch.bfloat16, None), ("bf16", None, torch.bfloat16), ("pure_bf16", None, torch.bfloat16),
+    ("fp16", None, torch.float16), ("pure_fp16", None, torch.float16),
+])
+def test_evaluation_precision_on_the_cpu_is_the_trainers(precision, autocast_dtype, input_dtype):
+    """What a product computes in under the returned autocast on a CPU, on every release (those
+    whose get_autocast cannot reach a CPU get torch.autocast with the same dtypes)."""
+    autocast, dtype = compat.evaluation_precision(precision, "cpu")
+    assert dtype is input_dtype is open_clip.get_input_dtype(precision)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "CUDA is not available. Disabling autocast"
+        with autocast():
+            product = torch.ones(3, 3) @ torch.ones(3, 3)
+    assert product.dtype == (autocast_dtype or torch.float32)
+    meta_autocast, _ = compat.evaluation_precision(precision, torch.device("meta"))
+    with meta_autocast():  # no autocast for meta tensors: the product stays float32
+        assert (torch.ones(2, 2, device="meta") @ torch.ones(2, 2, device="meta")).dtype == torch.float32
 
 
 # -- the patch for this release's trainer generation ----------------------------------------------
