@@ -23,7 +23,7 @@ scores ``m2mix-analyze`` and ``m2mix-demo`` print as ``zero_shot_accuracy`` / ``
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -35,7 +35,6 @@ from ..zeroshot import (
     load_zero_shot_set,
     parse_class_names,
     parse_templates,
-    set_metric_keys,
 )
 from . import openclip_compat
 from .registry import EvalHook
@@ -130,11 +129,6 @@ def zeroshot_metrics(model, tokenizer, preprocess, epoch: int, args) -> Dict[str
                                     device=device, autocast=autocast, input_dtype=input_dtype)
     finally:
         model.train(was_training)
-
-
-def metric_names(args) -> List[str]:
-    """The keys the hook will return for ``args`` (for clash checks before training)."""
-    return set_metric_keys([name for name, _ in getattr(args, "zeroshot_data", None) or []])
 
 
 ZEROSHOT_HOOK = EvalHook(run=zeroshot_metrics, add_arguments=add_arguments, validate=validate,
