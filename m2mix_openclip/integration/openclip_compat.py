@@ -44,6 +44,7 @@ import inspect
 import json
 import os
 import re
+import sys
 import tempfile
 import types
 from dataclasses import dataclass
@@ -412,6 +413,17 @@ def evaluation_passes_tokenizer() -> bool:
     return "tokenizer" in inspect.signature(zero_shot.zero_shot_eval).parameters
 
 
+def _running_trainer_module(name: str) -> types.ModuleType:
+    """The trainer's module ``name`` as the running trainer imported it (its ``train`` imports
+    ``precision``): a patched clone run from its ``src/`` is another copy than the one installed
+    beside ``open_clip``. Outside a trainer, the installed trainer's (:func:`require_trainer`)."""
+    for package in TRAINER_PACKAGES:
+        module = sys.modules.get(f"{package}.{name}")
+        if module is not None:
+            return module
+    return importlib.import_module(f"{require_trainer().package}.{name}")
+
+
 # What every release's get_autocast gives, for the releases whose get_autocast cannot reach the device.
 _AUTOCAST_DTYPES = {"amp": "float16", "amp_bf16": "bfloat16", "amp_bfloat16": "bfloat16"}
 
@@ -422,7 +434,8 @@ def evaluation_precision(precision: str, device) -> Tuple[Callable[[], ContextMa
     ``precision.get_autocast(precision, device_type=...)``. Before 2.28 that ``get_autocast`` takes
     no device type and opens CUDA's autocast whatever the device (a no-op with a warning on a CPU);
     there the same dtypes (amp: float16, amp_bf16: bfloat16) go to ``torch.autocast`` on the
-    device, as the later releases do. Meta tensors get no autocast (there is none for them)."""
+    device, as the later releases do. Meta tensors get no autocast (there is none for them). Inside
+    a trainer, its own ``get_autocast`` (a patched clone's too)."""
     import contextlib
 
     import open_clip
@@ -431,7 +444,7 @@ def evaluation_precision(precision: str, device) -> Tuple[Callable[[], ContextMa
     input_dtype = open_clip.get_input_dtype(precision)
     if device.type == "meta":
         return contextlib.nullcontext, input_dtype
-    precision_module = importlib.import_module(f"{require_trainer().package}.precision")
+    precision_module = _running_trainer_module("precision")
     if "device_type" in inspect.signature(precision_module.get_autocast).parameters:
         return precision_module.get_autocast(precision, device_type=device.type), input_dtype
     if precision not in _AUTOCAST_DTYPES:
