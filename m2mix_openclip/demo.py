@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import time
 
 import torch
 
+from .atomic import write_atomically, write_json
 from .data import CLASS_NAMES, SHIFTS, ZERO_SHOT_TEMPLATES, write_dataset
 from .datasets import load_pairs
 from .encode import class_text_features, encode
@@ -53,8 +53,7 @@ def write_local_model(folder: str, config: dict = TINY_MODEL) -> str:
     if context != text_cfg["context_length"]:
         config = {**config, "model_cfg": {**config["model_cfg"], "text_cfg": {**text_cfg, "context_length": context}}}
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
-        json.dump(config, f)
+    write_json(os.path.join(folder, "open_clip_config.json"), config)  # whole or not at all
     return f"local-dir:{folder}"
 
 
@@ -83,8 +82,10 @@ def _train(name, args, out, model_name, epochs, extra, log):
 
 
 def _bare_state(checkpoint, path):
-    """A model-only state dict: OpenCLIP then fine-tunes from it with a fresh optimizer at epoch 0."""
-    torch.save(read_checkpoint(checkpoint), path)
+    """A model-only state dict: OpenCLIP then fine-tunes from it with a fresh optimizer at epoch 0.
+    Written whole or not at all: a killed demo leaves no truncated file for ``--resume``."""
+    state = read_checkpoint(checkpoint)
+    write_atomically(path, lambda f: torch.save(state, f))
     return path
 
 

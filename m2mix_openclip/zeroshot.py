@@ -25,7 +25,7 @@ and the scores are re-exported here under their old names.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -42,7 +42,7 @@ from .metrics import restrict_to_class_groups, zero_shot_scores
 
 __all__ = ["LabelledSet", "load_labelled_set", "parse_class_names", "parse_templates",
            "zero_shot_classifier", "zero_shot_logits", "zero_shot_scores", "zero_shot_metrics",
-           "labelled_set_metrics", "set_metric_key", "set_metric_keys", "SET_SCORES", "TOOL_KEYS",
+           "labelled_set_metrics", "set_metric_key", "SET_SCORES", "TOOL_KEYS",
            "DEFAULT_TEMPLATES", "load_zero_shot_set"]
 
 SET_SCORES = ("top1", "top5", "ece")  # what zero_shot_scores gives (top5 from 5 classes on)
@@ -98,11 +98,6 @@ def zero_shot_metrics(image_features: torch.Tensor, classifier: torch.Tensor, la
 def set_metric_key(set_name: str, score: str) -> str:
     """The hook's name of one score of one labelled set: ``NAME-zeroshot-SCORE``."""
     return f"{set_name}-zeroshot-{score}"
-
-
-def set_metric_keys(set_names: Sequence[str]) -> List[str]:
-    """Every name :func:`labelled_set_metrics` may give for these sets (for clash checks)."""
-    return [set_metric_key(name, score) for name in set_names for score in SET_SCORES]
 
 
 @torch.no_grad()

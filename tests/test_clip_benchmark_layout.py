@@ -91,7 +91,8 @@ def test_the_hook_reads_folders_with_their_own_class_names_and_templates(folders
         device="cpu", precision="fp32", batch_size=7)
     assert zeroshot_hook.validate(args) is None
     out = zeroshot_hook.zeroshot_metrics(model, tokenizer, preprocess, 1, args)
-    assert set(out) == set(zeroshot_hook.metric_names(args)) - {"colours-zeroshot-top5"}  # 3 classes: no top-5
+    assert set(out) == ({f"{name}-zeroshot-{score}" for name in ("digits", "rot", "colours")
+                         for score in ("top1", "top5", "ece")} - {"colours-zeroshot-top5"})  # 3 classes: no top-5
 
     def independent_top1(names, templates, labels, images):
         with torch.no_grad():

@@ -317,6 +317,19 @@ def test_validate_says_why_siglip_takes_no_unimodal_term():
     assert "never gathers the batch" in message
 
 
+def test_the_command_line_and_the_loss_refuse_siglip_unimodal_weights_with_one_reason():
+    from m2mix_openclip.losses.options import SIGLIP_UNIMODAL_REASON, siglip_unimodal_error
+
+    flags = validate_family(args_of(siglip=True, lmix_weight=0.1, vlmix_weight=0.2))
+    with pytest.raises(ValueError) as raised:
+        M2MixSigLipLoss(lmix_weight=0.1, vlmix_weight=0.2)
+    # every weight > 0 is named, as the command line spells it and as the loss's keywords
+    assert flags == f"--lmix-weight, --vlmix-weight cannot be combined with --siglip: {SIGLIP_UNIMODAL_REASON}"
+    assert str(raised.value) == f"M2MixSigLipLoss: lmix_weight, vlmix_weight must be 0: {SIGLIP_UNIMODAL_REASON}"
+    assert SIGLIP_UNIMODAL_REASON.endswith("with --siglip use the sigmoid m²-Mix term (--m2mix-weight)")
+    assert siglip_unimodal_error(args_of(siglip=True), as_flags=True) is None
+
+
 # -- SigLIP across processes: every dist_impl equals one process ------------------------------------
 
 BATCH, DIM, WEIGHT = 3, 8, 0.7

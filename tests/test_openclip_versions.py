@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 
 import open_clip
 import open_clip.loss
@@ -193,8 +194,10 @@ def test_without_siglip_loss_the_other_families_import():
 
 @pytest.mark.skipif(not compat.has_siglip_loss(), reason="no SigLipLoss in this release")
 @pytest.mark.parametrize("dist_impl", [None, "bidir", "shift", "reduce", "gather"])
-def test_siglip_loss_equals_this_releases_siglip_loss_for_every_dist_impl(dist_impl):
-    """``dist_impl`` is taken on every release (SigLipLoss takes it from 2.30), and kept."""
+def test_siglip_loss_takes_and_keeps_each_dist_impl_and_equals_this_releases_on_one_process(dist_impl):
+    """``dist_impl`` is taken on every release (SigLipLoss takes it from 2.30), and kept; on one
+    process (no exchange runs) the contrastive term is this release's ``SigLipLoss``. The
+    exchanges themselves across processes: test_loss_families.py."""
     x, y = unit_features()
     scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
     ours = M2MixSigLipLoss(dist_impl=dist_impl, m2mix_weight=0.5, mix_schedule="constant")
@@ -400,6 +403,26 @@ def test_the_adapter_reads_whether_evaluation_passes_a_tokenizer():
     assert compat.evaluation_passes_tokenizer() is ("tokenizer" in parameters)
     if VERSION in RELEASES:
         assert compat.evaluation_passes_tokenizer() is (VERSION != "2.20.0")
+
+
+@pytest.mark.parametrize("precision,autocast_dtype,input_dtype", [
+    ("fp32", None, None), ("amp", torch.float16, None), ("amp_bf16", torch.bfloat16, None),
+    ("amp_bfloat16", torch.bfloat16, None), ("bf16", None, torch.bfloat16), ("pure_bf16", None, torch.bfloat16),
+    ("fp16", None, torch.float16), ("pure_fp16", None, torch.float16),
+])
+def test_evaluation_precision_on_the_cpu_is_the_trainers(precision, autocast_dtype, input_dtype):
+    """What a product computes in under the returned autocast on a CPU, on every release (those
+    whose get_autocast cannot reach a CPU get torch.autocast with the same dtypes)."""
+    autocast, dtype = compat.evaluation_precision(precision, "cpu")
+    assert dtype is input_dtype is open_clip.get_input_dtype(precision)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "CUDA is not available. Disabling autocast"
+        with autocast():
+            product = torch.ones(3, 3) @ torch.ones(3, 3)
+    assert product.dtype == (autocast_dtype or torch.float32)
+    meta_autocast, _ = compat.evaluation_precision(precision, torch.device("meta"))
+    with meta_autocast():  # no autocast for meta tensors: the product stays float32
+        assert (torch.ones(2, 2, device="meta") @ torch.ones(2, 2, device="meta")).dtype == torch.float32
 
 
 # -- the patch for this release's trainer generation ----------------------------------------------

@@ -47,6 +47,24 @@ def test_bad_options_name_the_field(kwargs, match):
         M2MixLoss(**kwargs)
 
 
+def test_options_given_as_text_are_stored_as_the_flag_parses_them():
+    given = MixOptions(m2mix_temperature="0.07", unimix_temperature="learned", m2mix_weight="0.5")
+    assert given == MixOptions(m2mix_temperature=0.07, unimix_temperature=None, m2mix_weight=0.5)
+    assert type(given.m2mix_temperature) is float and type(given.m2mix_weight) is float
+    assert MixOptions(m2mix_temperature="Learned").m2mix_temperature is None
+    assert M2MixLoss(unimix_temperature="0.01").unimix_temperature == 0.01
+
+
+@pytest.mark.parametrize("field", ["m2mix_temperature", "unimix_temperature"])
+def test_a_temperature_that_is_no_number_nor_learned_names_the_field_and_the_accepted_values(field):
+    expected = (f"{field}: expected a temperature > 0 (e.g. 0.07) or 'learned' for the model's logit_scale, "
+                "got 'warm'")
+    for build in (MixOptions, M2MixLoss):
+        with pytest.raises(ValueError) as raised:
+            build(**{field: "warm"})
+        assert str(raised.value) == expected
+
+
 def test_docs_flag_table_follows_the_options_dataclass():
     page = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "training.md")
     with open(page) as f:
@@ -78,15 +96,44 @@ def test_signature_and_help_show_every_option_with_its_type_and_default(family):
     assert "m2mix_temperature: Optional[float] = 0.07" in text
 
 
-def test_a_loss_class_whose_mixing_keywords_are_untyped_is_refused_where_it_is_defined():
+def test_a_package_loss_class_whose_mixing_keywords_are_untyped_is_refused_where_it_is_defined():
     from open_clip.loss import ClipLoss
 
     from m2mix_openclip.losses.clip import SoftmaxMixingMixin
 
     with pytest.raises(TypeError, match=r"Untyped.__init__: annotate \*\*mixing as Unpack\[MixKeywords\]"):
         class Untyped(SoftmaxMixingMixin, ClipLoss):
+            __module__ = "m2mix_openclip.losses.untyped"  # as if written in the package
+
             def __init__(self, **mixing):
                 super().__init__(**mixing)
+
+
+def test_a_users_subclass_with_plain_or_unresolvable_keywords_builds_and_gives_its_parents_loss():
+    import torch
+
+    class UserLoss(M2MixLoss):  # defined outside the package: never refused
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    class UnresolvedLoss(M2MixLoss):
+        def __init__(self, *args, note: "NameNotDefinedAnywhere" = None, **mixing: Unpack[MixKeywords]):  # noqa: F821
+            super().__init__(*args, **mixing)
+
+    with pytest.raises(NameError):  # what the spelled-out signature would have raised
+        inspect.signature(UnresolvedLoss.__init__, eval_str=True)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(6, 8, generator=generator), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(6, 8, generator=generator), dim=-1)
+    chosen = dict(m2mix_weight=0.3, vmix_weight=0.2, mix_schedule="constant")
+    expected = M2MixLoss(seed=5, **chosen)(image, text, torch.tensor(10.0), output_dict=True)
+    for user_class in (UserLoss, UnresolvedLoss):
+        loss = user_class(seed=5, **chosen)
+        assert loss.options == MixOptions(**chosen)
+        got = loss(image, text, torch.tensor(10.0), output_dict=True)
+        assert got.keys() == expected.keys() == {"contrastive_loss", "m2mix_loss", "vmix_loss"}
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
 
 
 BAD_OPTIONS = [

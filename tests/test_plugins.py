@@ -29,6 +29,14 @@ def test_it_runs_with_the_standard_library_alone():
     assert out.stdout.splitlines() == ["[]", "['clip'] True", "m2mix clip"]
 
 
+def test_the_installed_clip_loss_is_the_protocols_own():
+    from importlib.metadata import entry_points
+
+    ours = {ep.name: ep for ep in entry_points(group=plugins.LOSS_GROUP) if ep.dist.name == "m2mix-openclip"}
+    assert ours["clip"].load() is plugins.OPENCLIP_LOSS  # one object, not a copy beside it
+    assert plugins.get_loss("clip") is plugins.OPENCLIP_LOSS
+
+
 def test_registry_names_are_the_protocols():
     for name in registry.__all__:
         assert getattr(registry, name) is getattr(plugins, name), name

@@ -13,7 +13,7 @@ from dataclasses import fields
 from typing import Optional
 
 from ..losses import M2MixCoCaLoss, M2MixDistillLoss, M2MixLoss, M2MixSigLipLoss
-from ..losses.options import SIGLIP_UNIMODAL_REASON, MixOptions, siglip_default_weight
+from ..losses.options import MixOptions, siglip_default_weight, siglip_unimodal_error
 from . import openclip_compat
 
 __all__ = ["loss_family", "build_m2mix_loss", "validate_family", "FAMILY_CLASSES", "global_batch",
@@ -40,9 +40,9 @@ def validate_family(args) -> Optional[str]:
     """An argparse error message for mixing options the family cannot use, else None."""
     family = loss_family(args)
     if family == "siglip":
-        unimodal = [f"--{n}-weight" for n in ("vmix", "lmix", "vlmix") if getattr(args, f"{n}_weight", 0) > 0]
+        unimodal = siglip_unimodal_error(args, as_flags=True)
         if unimodal:
-            return f"{', '.join(unimodal)} cannot be combined with --siglip: {SIGLIP_UNIMODAL_REASON}"
+            return unimodal
         if getattr(args, "horovod", False):
             return "--siglip --loss m2mix does not support --horovod (OpenCLIP's SigLipLoss does not either)"
     return None

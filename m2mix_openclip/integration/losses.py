@@ -1,4 +1,5 @@
-"""Loss plugins registered by this package: ``clip`` (OpenCLIP's own choice) and ``m2mix``."""
+"""The ``m2mix`` loss plugin. (``clip``, OpenCLIP's own choice, is registered as
+:data:`.plugins.OPENCLIP_LOSS`, the protocol's fallback for that name.)"""
 
 from __future__ import annotations
 
@@ -7,12 +8,6 @@ import logging
 from ..losses.options import add_flags, options_from_args
 from .families import build_m2mix_loss, resolve_family_defaults, validate_family, weight_note
 from .registry import LossPlugin
-
-
-def _build_clip(args):
-    # OpenCLIP's own choice (ClipLoss, or SigLIP / CoCa / distillation as its flags say), unchanged.
-    from open_clip import create_loss
-    return create_loss(args)
 
 
 def _add_m2mix_arguments(parser):
@@ -40,8 +35,6 @@ def _build_m2mix(args):
                             seed=args.seed if args.mix_seed is None else args.mix_seed)
 
 
-CLIP_LOSS = LossPlugin(build=_build_clip,
-                       description="OpenCLIP's own loss (ClipLoss, or SigLIP/CoCa/distillation by its flags)")
 M2MIX_LOSS = LossPlugin(build=_build_m2mix, add_arguments=_add_m2mix_arguments, validate=_validate_m2mix,
                         description="OpenCLIP's loss (CLIP, SigLIP, CoCa or distillation) + geodesic multi-modal "
                                     "mixup (Oh et al., NeurIPS 2023)")

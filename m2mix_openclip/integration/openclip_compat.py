@@ -18,6 +18,8 @@ wherever that is possible:
 - a created model's preprocessing config: ``open_clip.get_model_preprocess_cfg`` where it exists,
   else the ``image_size`` / ``image_mean`` / ``image_std`` attributes (:func:`model_preprocess_cfg`);
 - the tokenizer's context length: 2.20 always gives 77 tokens, whatever the model's config says;
+- the trainer's ``precision.get_autocast`` takes the device type from 2.28 on; before, it knows
+  CUDA only (:func:`evaluation_precision`);
 - ``--resume`` of the trainer's own checkpoints before 2.30 with torch >= 2.6: the scheduler
   stores numpy learning rates, which ``torch.load``'s ``weights_only`` default then refuses
   (OpenCLIP's bug, fixed upstream in 2.30); :func:`numpy_scalars_allowed` reads such checkpoints.
@@ -42,10 +44,14 @@ import inspect
 import json
 import os
 import re
+import sys
 import tempfile
 import types
 from dataclasses import dataclass
-from typing import FrozenSet, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, ContextManager, FrozenSet, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_RANGE = ">=2.20,<4"
 _OLDEST = (2, 20)
@@ -405,3 +411,43 @@ def evaluation_passes_tokenizer() -> bool:
     Read from the trainer's own ``zero_shot`` module, which the launcher never swaps."""
     zero_shot = importlib.import_module(f"{require_trainer().package}.zero_shot")
     return "tokenizer" in inspect.signature(zero_shot.zero_shot_eval).parameters
+
+
+def _running_trainer_module(name: str) -> types.ModuleType:
+    """The trainer's module ``name`` as the running trainer imported it (its ``train`` imports
+    ``precision``): a patched clone run from its ``src/`` is another copy than the one installed
+    beside ``open_clip``. Outside a trainer, the installed trainer's (:func:`require_trainer`)."""
+    for package in TRAINER_PACKAGES:
+        module = sys.modules.get(f"{package}.{name}")
+        if module is not None:
+            return module
+    return importlib.import_module(f"{require_trainer().package}.{name}")
+
+
+# What every release's get_autocast gives, for the releases whose get_autocast cannot reach the device.
+_AUTOCAST_DTYPES = {"amp": "float16", "amp_bf16": "bfloat16", "amp_bfloat16": "bfloat16"}
+
+
+def evaluation_precision(precision: str, device) -> Tuple[Callable[[], ContextManager], Optional[torch.dtype]]:
+    """(autocast context factory, input dtype) for ``--precision`` on ``device``, as the trainer's
+    ``evaluate`` makes them: ``open_clip.get_input_dtype(precision)`` and the trainer's own
+    ``precision.get_autocast(precision, device_type=...)``. Before 2.28 that ``get_autocast`` takes
+    no device type and opens CUDA's autocast whatever the device (a no-op with a warning on a CPU);
+    there the same dtypes (amp: float16, amp_bf16: bfloat16) go to ``torch.autocast`` on the
+    device, as the later releases do. Meta tensors get no autocast (there is none for them). Inside
+    a trainer, its own ``get_autocast`` (a patched clone's too)."""
+    import contextlib
+
+    import open_clip
+    import torch
+    device = torch.device(device)
+    input_dtype = open_clip.get_input_dtype(precision)
+    if device.type == "meta":
+        return contextlib.nullcontext, input_dtype
+    precision_module = _running_trainer_module("precision")
+    if "device_type" in inspect.signature(precision_module.get_autocast).parameters:
+        return precision_module.get_autocast(precision, device_type=device.type), input_dtype
+    if precision not in _AUTOCAST_DTYPES:
+        return contextlib.nullcontext, input_dtype
+    dtype = getattr(torch, _AUTOCAST_DTYPES[precision])
+    return (lambda: torch.autocast(device.type, dtype=dtype)), input_dtype

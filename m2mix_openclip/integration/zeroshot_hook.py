@@ -24,9 +24,8 @@ scores ``m2mix-analyze`` and ``m2mix-demo`` print as ``zero_shot_accuracy`` / ``
 
 from __future__ import annotations
 
-import contextlib
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -38,9 +37,8 @@ from ..zeroshot import (
     load_zero_shot_set,
     parse_class_names,
     parse_templates,
-    set_metric_keys,
 )
-from . import preflight
+from . import openclip_compat, preflight
 from .registry import EvalHook
 
 _NAME = re.compile(r"^[A-Za-z0-9_.]+$")
@@ -140,17 +138,6 @@ def _read_set(args, name: str, path: str, folders=None) -> LabelledSet:
         img_key=args.csv_img_key, label_key=args.zeroshot_label_key, sep=args.csv_separator, class_folders=folders)
 
 
-def _precision(args, device: torch.device):
-    """(autocast context factory, input dtype) for the run's --precision, as OpenCLIP evaluates."""
-    precision = args.precision
-    if precision in ("amp", "amp_bf16", "amp_bfloat16") and device.type != "meta":
-        dtype = torch.bfloat16 if precision != "amp" or device.type == "cpu" else torch.float16
-        return (lambda: torch.autocast(device.type, dtype=dtype)), None
-    input_dtype = {"bf16": torch.bfloat16, "pure_bf16": torch.bfloat16,
-                   "fp16": torch.float16, "pure_fp16": torch.float16}.get(precision)
-    return contextlib.nullcontext, input_dtype
-
-
 def zeroshot_metrics(model, tokenizer, preprocess, epoch: int, args) -> Dict[str, float]:
     """The hook: ``NAME-zeroshot-top1`` / ``-top5`` / ``-ece`` for every ``--zeroshot-data`` set
     (:func:`m2mix_openclip.zeroshot.labelled_set_metrics`)."""
@@ -159,7 +146,7 @@ def zeroshot_metrics(model, tokenizer, preprocess, epoch: int, args) -> Dict[str
         return {}
     model = getattr(model, "module", model)  # DistributedDataParallel
     device = torch.device(args.device)
-    autocast, input_dtype = _precision(args, device)
+    autocast, input_dtype = openclip_compat.evaluation_precision(args.precision, device)
     labelled = [_loaded.get((name, path)) for name, path in sets]
     if any(s is None for s in labelled):  # not read by validate (a caller that skipped it)
         folders = _class_folders(args)
@@ -171,11 +158,6 @@ def zeroshot_metrics(model, tokenizer, preprocess, epoch: int, args) -> Dict[str
                                     device=device, autocast=autocast, input_dtype=input_dtype)
     finally:
         model.train(was_training)
-
-
-def metric_names(args) -> List[str]:
-    """The keys the hook will return for ``args`` (for clash checks before training)."""
-    return set_metric_keys([name for name, _ in getattr(args, "zeroshot_data", None) or []])
 
 
 ZEROSHOT_HOOK = EvalHook(run=zeroshot_metrics, add_arguments=add_arguments, validate=validate,

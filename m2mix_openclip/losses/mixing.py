@@ -56,11 +56,22 @@ class MixingStateMixin:
     options: MixOptions
 
     def __init_subclass__(cls, **kwargs):
-        """A family's ``__init__`` shows ``**mixing`` as the options it stands for."""
+        """A family's ``__init__`` shows ``**mixing`` as the options it stands for.
+
+        The package's own classes must type ``**mixing`` as ``Unpack[MixKeywords]`` (a
+        ``TypeError`` where the class is defined). A user's subclass is never refused: a plain
+        ``**kwargs``, or annotations that do not resolve, keep Python's own signature."""
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
-        if init is not None:
+        if init is None:
+            return
+        if cls.__module__.startswith("m2mix_openclip."):
             init.__signature__ = signature_with_options(init)
+            return
+        try:
+            init.__signature__ = signature_with_options(init)
+        except Exception:  # a user's annotations that do not resolve only cost the spelled-out help()
+            pass
 
     def _init_mixing(self, options: Optional[MixOptions], mixing: dict, seed: int, calls_per_step: int) -> None:
         """Stores ``options`` with the ``mixing`` keywords in place of its fields (``MixOptions``

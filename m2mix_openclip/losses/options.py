@@ -18,8 +18,8 @@ except ImportError:  # Python 3.10
     from typing_extensions import Unpack
 
 __all__ = ["MixOptions", "MixKeywords", "MIX_SCHEDULES", "MIX_PAIRINGS", "MIX_TERMS",
-           "SIGLIP_UNIMODAL_REASON", "mix_options", "signature_with_options", "add_flags", "options_from_args",
-           "flag_table", "siglip_default_weight", "SIGLIP_WEIGHT_PER_NEGATIVE"]
+           "SIGLIP_UNIMODAL_REASON", "siglip_unimodal_error", "mix_options", "signature_with_options", "add_flags",
+           "options_from_args", "flag_table", "siglip_default_weight", "SIGLIP_WEIGHT_PER_NEGATIVE"]
 
 MIX_SCHEDULES = ("inverse-epoch", "constant")
 MIX_PAIRINGS = ("reverse", "random")
@@ -31,6 +31,21 @@ SIGLIP_UNIMODAL_REASON = (
     "caption chunks between neighbouring processes) and scores each pair on its own, with no soft "
     "targets to share between two samples; with --siglip use the sigmoid m²-Mix term (--m2mix-weight)"
 )
+SIGLIP_UNIMODAL_WEIGHTS = ("vmix_weight", "lmix_weight", "vlmix_weight")
+
+
+def siglip_unimodal_error(options, as_flags: bool) -> Optional[str]:
+    """The one message for V-Mix, L-Mix or VL-Mix weights > 0 with SigLIP, None when all are 0.
+
+    ``options``: a ``MixOptions`` or parsed flags (a weight it lacks counts as 0). ``as_flags``
+    names the weights as the command line spells them (``--vmix-weight``), else as the
+    keywords of ``M2MixSigLipLoss`` (``vmix_weight``); the reason and its fix are the same."""
+    given = [name for name in SIGLIP_UNIMODAL_WEIGHTS if (getattr(options, name, 0) or 0) > 0]
+    if not given:
+        return None
+    if as_flags:
+        return f"{', '.join(map(_flag, given))} cannot be combined with --siglip: {SIGLIP_UNIMODAL_REASON}"
+    return f"M2MixSigLipLoss: {', '.join(given)} must be 0: {SIGLIP_UNIMODAL_REASON}"
 
 
 def _finite(text: str) -> float:
@@ -115,11 +130,12 @@ class MixOptions:
             elif value is None and parse is temperature_value:
                 continue
             else:
+                # Parsed as the flag would be, and the parsed value stored: "0.07" as 0.07, "learned" as None.
                 try:
-                    parse(str(float(value)) if isinstance(value, (int, float)) else str(value))
+                    parsed = parse(str(float(value)) if isinstance(value, (int, float)) else str(value))
                 except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
                     raise ValueError(f"{f.name}: {e}") from None
-                object.__setattr__(self, f.name, float(value))
+                object.__setattr__(self, f.name, parsed)
 
     @property
     def enabled_terms(self) -> List[str]:

@@ -18,7 +18,7 @@ from open_clip.loss import SigLipLoss, neighbour_exchange_bidir_with_grad, neigh
 from ..integration import openclip_compat
 from ..mixup import compute_dtype, no_autocast, slerp_coefficients
 from .mixing import MixingStateMixin
-from .options import SIGLIP_UNIMODAL_REASON, MixKeywords, MixOptions, Unpack
+from .options import SIGLIP_UNIMODAL_REASON, MixKeywords, MixOptions, Unpack, siglip_unimodal_error
 from .terms import m2mix_sigmoid_term, siglip_with_sigmoid_m2mix
 
 __all__ = ["M2MixSigLipLoss", "SIGLIP_UNIMODAL_REASON", "DIST_IMPLS"]
@@ -124,9 +124,9 @@ class M2MixSigLipLoss(MixingStateMixin, SigLipLoss):
         self._init_mixing(options, mixing, seed, calls_per_step)
 
     def _check_family_options(self, options: MixOptions) -> None:
-        for name in ("vmix_weight", "lmix_weight", "vlmix_weight"):
-            if getattr(options, name) > 0:
-                raise ValueError(f"M2MixSigLipLoss: {name} must be 0: {SIGLIP_UNIMODAL_REASON}")
+        unimodal = siglip_unimodal_error(options, as_flags=False)
+        if unimodal:
+            raise ValueError(unimodal)
         if self.m2mix_bias is not None and options.m2mix_temperature is None:
             raise ValueError("m2mix_bias fixes the bias of a fixed m2mix_temperature; with "
                              "m2mix_temperature=None the model's logit_bias is used: drop m2mix_bias")
