@@ -129,7 +129,18 @@ def prepare(work, size, families, log=print):
                               ["--distill-model", teacher, "--distill-pretrained", "none"])
         else:
             folder = os.path.join(work, "coca" if family == "coca" else family)  # "coca" in the name: CoCaLoss
-            setups[family] = (write_model(folder, configs[family]), ["--siglip"] if family == "siglip" else [])
+            model = write_model(folder, configs[family])
+            weights = os.path.join(folder, "open_clip_pytorch_model.bin")
+            if family == "coca" and not os.path.exists(weights):
+                # OpenCLIP leaves the text decoder's projection uninitialised: random memory, caption
+                # losses of 1e35 or NaN at random (openclip_compat.initialise_text_decoders)
+                import open_clip
+                import torch
+                log(f"  writing the CoCa model's random weights, text decoder initialised ({size})", flush=True)
+                created = open_clip.create_model(openclip_compat.model_name(model))
+                openclip_compat.initialise_text_decoders(created)
+                torch.save(created.state_dict(), weights)
+            setups[family] = (model, ["--siglip"] if family == "siglip" else [])
     return setups
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from test_loss_families_e2e import COCA_MODEL, SIGLIP_MODEL
-from trainer_utils import common_args, read_log, run
+from trainer_utils import common_args, read_log, run, write_model_with_weights
 
 from m2mix_openclip.data import write_dataset
 from m2mix_openclip.demo import write_local_model
@@ -43,7 +43,7 @@ def env(tmp_path_factory):
     torch.save(open_clip.create_model(teacher).state_dict(), teacher_dir / "open_clip_pytorch_model.bin")
     models = {"clip": write_local_model(str(base / "clip")), "distill": write_local_model(str(base / "student")),
               "siglip": write_local_model(str(base / "siglip"), SIGLIP_MODEL),
-              "coca": write_local_model(str(base / "tiny-coca"), COCA_MODEL)}
+              "coca": write_model_with_weights(str(base / "tiny-coca"), COCA_MODEL)}
     extra = {"clip": [], "coca": [], "siglip": ["--siglip"],
              "distill": ["--distill-model", teacher, "--distill-pretrained", "none"]}
     return {"base": base, "csv": data["pretrain"]["csv"], "models": models, "extra": extra}

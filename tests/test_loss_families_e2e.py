@@ -4,7 +4,7 @@ import copy
 import os
 
 import pytest
-from trainer_utils import common_args, launcher, logged_lambdas, logged_losses, read_log
+from trainer_utils import common_args, launcher, logged_lambdas, logged_losses, read_log, write_model_with_weights
 
 from m2mix_openclip.data import write_dataset
 from m2mix_openclip.demo import TINY_MODEL, write_local_model
@@ -61,7 +61,7 @@ def test_siglip(env):
 
 
 def test_coca(env):
-    model = write_local_model(str(env["base"] / "tiny-coca"), COCA_MODEL)
+    model = write_model_with_weights(str(env["base"] / "tiny-coca"), COCA_MODEL)
     log = train(env, "coca", model, "--vmix-weight", "0.1", "--coca-caption-loss-weight", "2")
     assert "-> M2MixCoCaLoss" in log
     for key in ("Contrastive_loss", "Caption_loss", "M2mix_loss", "Vmix_loss"):

@@ -475,3 +475,22 @@ def test_the_matching_patch_applies_to_this_wheel_trains_and_reverts(trained, tm
     assert sorted(n for n in os.listdir(site / package) if n.endswith(".py")) == names
     match, mismatch, errors = filecmp.cmpfiles(installed, site / package, names, shallow=False)
     assert not mismatch and not errors
+
+
+def test_a_random_coca_gets_its_text_decoder_initialised():
+    """OpenCLIP builds CoCa's text-decoder projection with torch.empty and never initialises it:
+    with memory that held huge values, the created model holds them. initialise_text_decoders
+    draws it as the decoder's own init_parameters does (std width ** -0.5)."""
+    import open_clip
+    from test_loss_families_e2e import COCA_MODEL
+
+    from m2mix_openclip.integration import openclip_compat
+    config = {key: value for key, value in COCA_MODEL["model_cfg"].items() if key != "custom_text"}
+    for _ in range(4):
+        junk = [torch.full((1 << 16,), 1e30) for _ in range(64)]  # freed memory full of 1e30
+        del junk
+        model = open_clip.coca_model.CoCa(**config)
+        assert openclip_compat.initialise_text_decoders(model) == 1
+        width = config["multimodal_cfg"]["width"]
+        projection = model.text_decoder.text_projection.detach()
+        assert torch.isfinite(projection).all() and projection.std().item() == pytest.approx(width ** -0.5, rel=0.2)

@@ -16,6 +16,21 @@ def write_tiny_model(folder):
     return write_local_model(folder)
 
 
+def write_model_with_weights(folder, config):
+    """``local-dir:folder`` with ``config`` and random weights in ``open_clip_pytorch_model.bin``,
+    CoCa's text decoder initialised (``openclip_compat.initialise_text_decoders``: OpenCLIP leaves
+    its projection as uninitialised memory, which made CoCa runs fail at random)."""
+    import open_clip
+    import torch
+
+    from m2mix_openclip.integration import openclip_compat
+    model = write_local_model(folder, config)
+    created = open_clip.create_model(openclip_compat.model_name(model))
+    openclip_compat.initialise_text_decoders(created)
+    torch.save(created.state_dict(), os.path.join(folder, "open_clip_pytorch_model.bin"))
+    return model
+
+
 def common_args(model, logs, name, epochs=2, batch=16):
     return ["--model", model, "--precision", "fp32", "--batch-size", str(batch), "--epochs", str(epochs),
             "--lr", "1e-3", "--warmup", "1", "--workers", "0", "--device", "cpu", "--logs", str(logs),

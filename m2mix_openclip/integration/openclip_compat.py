@@ -451,3 +451,23 @@ def evaluation_precision(precision: str, device) -> Tuple[Callable[[], ContextMa
         return contextlib.nullcontext, input_dtype
     dtype = getattr(torch, _AUTOCAST_DTYPES[precision])
     return (lambda: torch.autocast(device.type, dtype=dtype)), input_dtype
+
+
+def initialise_text_decoders(model) -> int:
+    """Draws the output projection of every CoCa text decoder in ``model`` as OpenCLIP draws the
+    text encoder's (normal, std ``width ** -0.5``); returns how many there were.
+
+    OpenCLIP (every supported release) builds a CoCa text decoder's ``text_projection`` with
+    ``torch.empty`` and never initialises it (``MultimodalTransformer.init_parameters`` is never
+    called, and in 3.3 fails when called: it reads a ``transformer`` attribute the class lacks), so a
+    CoCa created with random weights starts from whatever memory held: caption logits of 1e22 and a
+    caption loss of 1e35 or NaN at the first step, at random. Pre-trained weights overwrite it; a
+    model trained from random weights (tests, benchmarks) needs this first."""
+    import torch
+
+    decoders = [m for m in model.modules() if type(m).__name__ == "MultimodalTransformer"
+                and isinstance(getattr(m, "text_projection", None), torch.nn.Parameter)]
+    with torch.no_grad():
+        for decoder in decoders:
+            torch.nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
+    return len(decoders)
