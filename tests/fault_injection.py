@@ -15,6 +15,7 @@ import io
 import os
 import signal
 import sys
+import time
 
 import torch
 
@@ -35,7 +36,12 @@ def inject(fault: str, epoch: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if fault == "interrupt":
             os.kill(os.getpid(), signal.SIGINT)
-            signal.sigtimedwait([], 0)  # the handler runs at the next bytecode
+            # Python runs the handler where the interpreter next checks for signals (a loop's jump
+            # back, a function's start), not at once: wait in such a loop for it
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                time.sleep(0.001)
+            raise AssertionError("SIGINT's handler raised nothing within 10 s")
         if fault == "full-disk":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         raise AssertionError(f"unknown fault {fault!r}")

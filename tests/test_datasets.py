@@ -216,8 +216,9 @@ def test_one_tar_reader_in_the_package():
                 for call in ast.walk(function):
                     if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
                             and call.func.attr == "open" and getattr(call.func.value, "id", None) == "tarfile"):
-                        mode = call.args[1].value if len(call.args) > 1 and isinstance(call.args[1], ast.Constant) \
-                            else "r"
+                        given = call.args[1] if len(call.args) > 1 else next(
+                            (k.value for k in call.keywords if k.arg == "mode"), None)
+                        mode = given.value if isinstance(given, ast.Constant) else "r"
                         if not mode.startswith("w"):
                             readers.append(f"{os.path.relpath(path, root)}:{function.name}")
     assert readers == ["datasets.py:iter_shard_members"]
