@@ -129,6 +129,7 @@ def test_checkpoint_that_does_not_fit_names_the_keys(tiny, tmp_path, capsys):
     assert "Traceback" not in err and "--debug" in err
 
 
+@pytest.mark.slow  # a fresh process
 def test_debug_shows_the_traceback(tiny, tmp_path):
     base, model_name, _ = tiny
     cmd = [sys.executable, "-m", "m2mix_openclip.analyze", "--model", model_name, "--checkpoint",

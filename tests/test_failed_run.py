@@ -26,6 +26,7 @@ def csv_without_image(source, target, row):
     return target
 
 
+@pytest.mark.slow  # a fresh process
 def test_missing_image_then_rerun_then_resume_latest(env):
     logs = env["base"] / "logs"
     broken = csv_without_image(env["csv"], str(env["base"] / "broken.csv"), row=5)

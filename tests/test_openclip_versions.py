@@ -262,6 +262,7 @@ def _refusal(proc):
     return lines[0]
 
 
+@pytest.mark.slow  # a fresh process
 def test_m2mix_train_refuses_openclip_4_in_one_line(tmp_path):
     env = _fake_openclip(tmp_path, "4.2.0.dev0")
     line = _refusal(launcher("--model", "ViT-B-32", "--loss", "m2mix", env_extra=env, check=False))
@@ -272,6 +273,7 @@ def test_m2mix_train_refuses_openclip_4_in_one_line(tmp_path):
     assert probe.stdout.strip() == "M2MixLoss"
 
 
+@pytest.mark.slow  # a fresh process
 def test_an_unrelated_training_package_is_neither_imported_nor_taken(tmp_path):
     env = _fake_openclip(tmp_path)  # this release's open_clip, beside a package that is not its trainer
     (tmp_path / "training").mkdir()
@@ -284,6 +286,7 @@ def test_an_unrelated_training_package_is_neither_imported_nor_taken(tmp_path):
     assert not list((tmp_path / "training").glob("*.imported"))
 
 
+@pytest.mark.slow  # a fresh process
 def test_a_trainer_of_another_openclip_is_refused(tmp_path):
     env = _fake_openclip(tmp_path)  # open_clip alone: any trainer Python finds is not beside it
     line = _refusal(launcher("--model", "ViT-B-32", env_extra=env, check=False))

@@ -58,6 +58,7 @@ def test_gap_plane_is_orthonormal_and_first_axis_is_the_gap():
     assert torch.allclose(basis[:, 0], gap / gap.norm(), atol=1e-10)
 
 
+@pytest.mark.slow  # a fresh process
 def test_import_changes_no_global_matplotlib_state():
     code = ("import matplotlib, sys; before = matplotlib.rcParams._get('backend'); "
             "import m2mix_openclip.plots; "

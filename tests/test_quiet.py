@@ -4,6 +4,8 @@ import logging
 import subprocess
 import sys
 
+import pytest
+
 from m2mix_openclip.integration.quiet import RANDOM_INIT, dropped_log_messages, quiet_torch_loggers
 
 
@@ -20,6 +22,7 @@ def test_random_init_warning_is_dropped_only_inside_the_context(tmp_path, caplog
         assert "initialized randomly" in caplog.text
 
 
+@pytest.mark.slow  # a fresh process
 def test_torch_exit_statistics_are_not_printed():
     code = ("import logging, torch\n"
             "logging.basicConfig(level=logging.INFO)\n"
