@@ -21,6 +21,10 @@ import torch
 
 
 def inject(fault: str, epoch: int) -> None:
+    if fault == "interrupt":
+        # Ctrl-C as at a terminal: a shell that started the tests in the background (nohup, &) had
+        # them ignore SIGINT, which every child then inherits
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     real_save = torch.save
     injected = []
 

@@ -250,7 +250,9 @@ def test_ctrl_c_and_a_finished_run_end_in_one_line(env):
     # Ctrl-C while training (SIGINT from outside, as a terminal sends it)
     env_vars = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "m2mix_openclip.train", *train_args(env, "ctrl-c", epochs=500)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_vars)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_vars,
+                            # SIGINT handled as at a terminal, even where these tests run in the background
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = env["logs"] / "ctrl-c" / "out.log"
     deadline = time.time() + 240
     while time.time() < deadline and not (log.exists() and "Start epoch 2" in log.read_text()):
